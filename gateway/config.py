@@ -1,0 +1,446 @@
+"""Configuration: YAML in, frozen dataclasses out, validated once at start.
+
+Every problem is a :class:`~gateway.errors.ConfigError` naming the YAML key path, so the CLI
+can print one sentence and exit 2. The environment is passed in as a mapping (tests give
+their own); ``${VAR}`` and ``${VAR:-default}`` are replaced inside string values only, so a
+secret can never change the YAML structure.
+
+A provider whose secrets are missing is still loaded, marked ``usable=False`` with a reason:
+the shipped config must start on a fresh machine, and the dashboard explains what is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from yarl import URL
+
+from gateway.errors import ConfigError
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_PROVIDER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+CLIENT_AUTH_METHODS = ("client_secret_basic", "client_secret_post", "none")
+GRANTS = ("authorization_code", "client_credentials")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_url: URL = URL("http://127.0.0.1:8080")
+    forwarded_headers: bool = True
+    max_body_bytes: int = 100 * 1024 * 1024
+    replay_body_bytes: int = 64 * 1024
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    pool_limit: int = 1000
+    pool_limit_per_host: int = 0
+    refresh_skew: float = 60.0
+    token_timeout: float = 15.0
+    shutdown_grace: float = 30.0
+
+    @property
+    def redirect_uri(self) -> str:
+        return str(self.public_url.with_path(self.public_url.path.rstrip("/") + "/_gateway/callback"))
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    url: str
+    kind: str  # "sqlite" | "postgresql"
+    path: Path | None = None  # sqlite only, absolute
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentConfig:
+    require_login: bool = True
+    link_ttl: float = 600.0
+    pending_ttl: float = 600.0
+    return_to_origins: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    name: str
+    upstream: URL | None = None
+    authorize_url: URL | None = None
+    token_url: URL | None = None
+    revocation_url: URL | None = None
+    issuer: URL | None = None
+    preset: str | None = None
+    client_id: str = ""
+    client_secret: str = field(default="", repr=False)
+    client_auth: str = "client_secret_basic"
+    grant: str = "authorization_code"
+    scopes: tuple[str, ...] = ()
+    scope_separator: str = " "
+    pkce: bool = True
+    authorize_params: Mapping[str, str] = field(default_factory=dict)
+    token_params: Mapping[str, str] = field(default_factory=dict)
+    problems: tuple[str, ...] = ()
+
+    @property
+    def usable(self) -> bool:
+        return not self.problems
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: Path
+    server: ServerConfig
+    store: StoreConfig
+    consent: ConsentConfig
+    providers: Mapping[str, ProviderConfig]
+    encryption_key: str | None = field(default=None, repr=False)
+    encryption_key_file: Path | None = None
+    encryption_keys_old: tuple[str, ...] = field(default=(), repr=False)
+    log_format: str = "json"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def interpolate(text: str, env: Mapping[str, str], path: str) -> str:
+    """Replace ``${VAR}`` / ``${VAR:-default}``; an unset VAR without default becomes ''."""
+
+    def sub(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        value = env.get(name)
+        if value is None or (value == "" and default is not None):
+            return default if default is not None else ""
+        return value
+
+    return _VAR.sub(sub, text)
+
+
+def _interpolate_tree(node: Any, env: Mapping[str, str], path: str) -> Any:
+    if isinstance(node, str):
+        return interpolate(node, env, path)
+    if isinstance(node, list):
+        return [_interpolate_tree(v, env, f"{path}[{i}]") for i, v in enumerate(node)]
+    if isinstance(node, dict):
+        return {k: _interpolate_tree(v, env, f"{path}.{k}" if path else str(k))
+                for k, v in node.items()}
+    return node
+
+
+class _Section:
+    """Reads one mapping, remembering which keys were consumed so leftovers are errors."""
+
+    def __init__(self, data: Any, path: str) -> None:
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(path, "must be a mapping")
+        for k in data:
+            if not isinstance(k, str):
+                raise ConfigError(path, f"key {k!r} must be a string")
+        self.data: dict[str, Any] = data
+        self.path = path
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def raw(self, name: str) -> Any:
+        self.seen.add(name)
+        return self.data.get(name)
+
+    def has(self, name: str) -> bool:
+        return self.data.get(name) is not None
+
+    def str(self, name: str, default: str | None = None, *, required: bool = False) -> str | None:
+        v = self.raw(name)
+        if v is None or v == "":
+            if required:
+                raise ConfigError(self.key(name), "is required")
+            return default
+        if isinstance(v, bool) or not isinstance(v, str | int | float):
+            raise ConfigError(self.key(name), "must be a string")
+        return str(v)
+
+    def bool(self, name: str, default: bool) -> bool:
+        v = self.raw(name)
+        if v is None:
+            return default
+        if isinstance(v, bool):
+            return v
+        if isinstance(v, str) and v.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return v.lower() in ("true", "yes", "1")
+        raise ConfigError(self.key(name), "must be true or false")
+
+    def number(self, name: str, default: float, *, minimum: float = 0,
+               maximum: float | None = None, integer: bool = False) -> Any:
+        v = self.raw(name)
+        if v is None:
+            return default
+        try:
+            if isinstance(v, bool):
+                raise ValueError
+            n = int(v) if integer else float(v)
+            if integer and isinstance(v, float) and not v.is_integer():
+                raise ValueError
+        except (TypeError, ValueError):
+            kind = "a whole number" if integer else "a number"
+            raise ConfigError(self.key(name), f"must be {kind}") from None
+        if n < minimum or (maximum is not None and n > maximum):
+            hi = f" and at most {maximum:g}" if maximum is not None else ""
+            raise ConfigError(self.key(name), f"must be at least {minimum:g}{hi}")
+        return n
+
+    def url(self, name: str, *, required: bool = False) -> URL | None:
+        s = self.str(name, required=required)
+        return None if s is None else parse_http_url(s, self.key(name))
+
+    def str_list(self, name: str) -> tuple[str, ...]:
+        v = self.raw(name)
+        if v is None:
+            return ()
+        if isinstance(v, str):
+            return tuple(v.split())
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise ConfigError(self.key(name), "must be a list of strings")
+        return tuple(v)
+
+    def str_map(self, name: str) -> dict[str, str]:
+        v = self.raw(name)
+        if v is None:
+            return {}
+        if not isinstance(v, dict):
+            raise ConfigError(self.key(name), "must be a mapping of strings")
+        out: dict[str, str] = {}
+        for k, x in v.items():
+            if isinstance(x, bool) or not isinstance(x, str | int | float):
+                raise ConfigError(f"{self.key(name)}.{k}", "must be a string")
+            out[str(k)] = str(x)
+        return out
+
+    def section(self, name: str) -> _Section:
+        return _Section(self.raw(name), self.key(name))
+
+    def done(self) -> None:
+        extra = [k for k in self.data if k not in self.seen]
+        if extra:
+            raise ConfigError(self.key(extra[0]), "unknown key")
+
+
+def parse_http_url(value: str, path: str) -> URL:
+    try:
+        url = URL(value)
+    except (ValueError, TypeError):
+        raise ConfigError(path, "not an absolute http(s) URL") from None
+    if url.scheme not in ("http", "https") or not url.host or url.user or url.password:
+        raise ConfigError(path, "not an absolute http(s) URL")
+    if url.fragment:
+        raise ConfigError(path, "must not contain a #fragment")
+    return url
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _server(s: _Section) -> ServerConfig:
+    host = s.str("host", "127.0.0.1") or "127.0.0.1"
+    port = s.number("port", 8080, minimum=0, maximum=65535, integer=True)
+    public = s.url("public_url") or URL(f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}")
+    if public.query_string:
+        raise ConfigError(s.key("public_url"), "must not contain a query")
+    cfg = ServerConfig(
+        host=host,
+        port=port,
+        public_url=public,
+        forwarded_headers=s.bool("forwarded_headers", True),
+        max_body_bytes=s.number("max_body_bytes", ServerConfig.max_body_bytes, integer=True),
+        replay_body_bytes=s.number("replay_body_bytes", ServerConfig.replay_body_bytes, integer=True),
+        connect_timeout=s.number("connect_timeout", 10.0, minimum=0.001),
+        read_timeout=s.number("read_timeout", 60.0, minimum=0.001),
+        pool_limit=s.number("pool_limit", 1000, integer=True),
+        pool_limit_per_host=s.number("pool_limit_per_host", 0, integer=True),
+        refresh_skew=s.number("refresh_skew", 60.0),
+        token_timeout=s.number("token_timeout", 15.0, minimum=0.001),
+        shutdown_grace=s.number("shutdown_grace", 30.0),
+    )
+    s.done()
+    return cfg
+
+
+def _store(s: _Section, base_dir: Path) -> StoreConfig:
+    url = s.str("url", "sqlite:///gateway.db") or "sqlite:///gateway.db"
+    s.done()
+    return parse_store_url(url, base_dir, s.key("url"))
+
+
+def parse_store_url(url: str, base_dir: Path, path: str = "store.url") -> StoreConfig:
+    """``sqlite:///rel`` is relative to the config's folder; ``sqlite:////abs`` is absolute."""
+    if url.startswith("sqlite:///"):
+        rest = url[len("sqlite:///"):]
+        if not rest or rest == "/":
+            raise ConfigError(path, "names no database file")
+        file = Path(rest) if rest.startswith("/") else (base_dir / rest)
+        return StoreConfig(url=url, kind="sqlite", path=file.resolve())
+    if url.startswith(("postgresql://", "postgres://")):
+        return StoreConfig(url=url, kind="postgresql")
+    raise ConfigError(path, "must start with sqlite:/// or postgresql://")
+
+
+def _consent(s: _Section) -> ConsentConfig:
+    origins = []
+    for i, o in enumerate(s.str_list("return_to_origins")):
+        u = parse_http_url(o, f"{s.key('return_to_origins')}[{i}]")
+        origins.append(str(u.origin()))
+    cfg = ConsentConfig(
+        require_login=s.bool("require_login", True),
+        link_ttl=s.number("link_ttl", 600.0, minimum=1, maximum=600),
+        pending_ttl=s.number("pending_ttl", 600.0, minimum=1, maximum=600),
+        return_to_origins=tuple(origins),
+    )
+    s.done()
+    return cfg
+
+
+PresetLoader = Callable[[str], Mapping[str, Any] | None]
+
+
+def _provider(name: str, s: _Section, presets: PresetLoader) -> ProviderConfig:
+    if not _PROVIDER_NAME.match(name) or name.startswith("_"):
+        raise ConfigError(s.path, "provider names use a-z, 0-9, '-' and '_' (max 63)")
+    preset_name = s.str("preset")
+    base: Mapping[str, Any] = {}
+    if preset_name is not None:
+        found = presets(preset_name)
+        if found is None:
+            raise ConfigError(s.key("preset"), f"unknown preset {preset_name!r} (see `gateway providers`)")
+        base = found
+
+    def pick(key: str) -> Any:
+        return s.raw(key) if s.has(key) else base.get(key)
+
+    def url_of(key: str) -> URL | None:
+        v = pick(key)
+        if v in (None, ""):
+            s.seen.add(key)
+            return None
+        if not isinstance(v, str):
+            raise ConfigError(s.key(key), "must be a string")
+        return parse_http_url(v, s.key(key))
+
+    client_auth = str(pick("client_auth") or "client_secret_basic")
+    if client_auth not in CLIENT_AUTH_METHODS:
+        raise ConfigError(s.key("client_auth"), f"must be one of {', '.join(CLIENT_AUTH_METHODS)}")
+    grant = str(pick("grant") or "authorization_code")
+    if grant not in GRANTS:
+        raise ConfigError(s.key("grant"), f"must be one of {', '.join(GRANTS)}")
+    scopes_raw = s.str_list("scopes") if s.has("scopes") else tuple(base.get("scopes", ()))
+    sep = s.str("scope_separator") if s.has("scope_separator") else base.get("scope_separator", " ")
+    pkce = s.bool("pkce", bool(base.get("pkce", True)))
+    params = {**dict(base.get("authorize_params", {})), **s.str_map("authorize_params")}
+    tparams = {**dict(base.get("token_params", {})), **s.str_map("token_params")}
+    client_id = s.str("client_id", "") or ""
+    client_secret = s.str("client_secret", "") or ""
+    cfg = ProviderConfig(
+        name=name,
+        preset=preset_name,
+        issuer=url_of("issuer"),
+        upstream=url_of("upstream"),
+        authorize_url=url_of("authorize_url"),
+        token_url=url_of("token_url"),
+        revocation_url=url_of("revocation_url"),
+        client_id=client_id,
+        client_secret=client_secret,
+        client_auth=client_auth,
+        grant=grant,
+        scopes=scopes_raw,
+        scope_separator=str(sep or " "),
+        pkce=pkce,
+        authorize_params=params,
+        token_params=tparams,
+    )
+    s.done()
+    return with_problems(cfg)
+
+
+def with_problems(cfg: ProviderConfig) -> ProviderConfig:
+    """Recompute why a provider cannot be used yet (missing secrets or endpoints)."""
+    problems = []
+    if cfg.upstream is None:
+        problems.append("no upstream URL")
+    if cfg.token_url is None and cfg.issuer is None:
+        problems.append("no token_url (or issuer for discovery)")
+    if cfg.grant == "authorization_code" and cfg.authorize_url is None and cfg.issuer is None:
+        problems.append("no authorize_url (or issuer for discovery)")
+    if not cfg.client_id:
+        problems.append("client_id is not set")
+    if cfg.client_auth != "none" and not cfg.client_secret:
+        problems.append("client_secret is not set")
+    from dataclasses import replace
+
+    return replace(cfg, problems=tuple(problems))
+
+
+def _no_presets(name: str) -> Mapping[str, Any] | None:
+    try:
+        from gateway.oauth import catalog
+    except ImportError:
+        return None
+    return catalog.load_preset(name)
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None,
+                presets: PresetLoader | None = None) -> Config:
+    """Read, interpolate and validate a config file."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("", f"config file {file} not found") from None
+    except OSError as e:
+        raise ConfigError("", f"cannot read config file {file}: {e.strerror}") from None
+    return parse_config(text, file, os.environ if env is None else env, presets or _no_presets)
+
+
+def parse_config(text: str, source: Path, env: Mapping[str, str],
+                 presets: PresetLoader = _no_presets) -> Config:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError("", f"{source}: not valid YAML{where}") from None
+    if data is None:
+        data = {}
+    data = _interpolate_tree(data, env, "")
+    root = _Section(data, "")
+    base_dir = source.resolve().parent
+    server = _server(root.section("server"))
+    store = _store(root.section("store"), base_dir)
+    consent = _consent(root.section("consent"))
+    key = root.str("encryption_key")
+    key_file_s = root.str("encryption_key_file")
+    old_keys = root.str_list("encryption_keys_old")
+    if key and key_file_s:
+        raise ConfigError("encryption_key_file", "set either encryption_key or encryption_key_file, not both")
+    if not key and not key_file_s:
+        raise ConfigError("encryption_key", "is required (or encryption_key_file); "
+                          "create one with `gateway keygen`")
+    key_file = None
+    if key_file_s:
+        p = Path(key_file_s)
+        key_file = p if p.is_absolute() else (base_dir / p)
+    log_format = root.str("log_format", "json") or "json"
+    if log_format not in ("json", "logfmt"):
+        raise ConfigError("log_format", "must be json or logfmt")
+    provs = root.section("providers")
+    providers: dict[str, ProviderConfig] = {}
+    for name in list(provs.data):
+        providers[name] = _provider(name, provs.section(name), presets)
+    provs.done()
+    root.done()
+    return Config(source=source.resolve(), server=server, store=store, consent=consent,
+                  providers=providers, encryption_key=key, encryption_key_file=key_file,
+                  encryption_keys_old=old_keys, log_format=log_format)
