@@ -114,3 +114,17 @@ class SecretBox:
 
     def decrypt_opt(self, blob: bytes | None, context: str) -> str | None:
         return None if blob is None else self.decrypt(blob, context)
+
+
+def box_from_config(encryption_key: str | None, key_file: Path | None,
+                    old_keys: Iterable[str] = ()) -> SecretBox:
+    """The SecretBox for a config: an explicit key, or a key file created on first start."""
+    if encryption_key:
+        current = decode_key(encryption_key, "encryption_key")
+    elif key_file is not None:
+        current = decode_key(load_or_create_key_file(key_file), f"encryption_key_file ({key_file})")
+    else:
+        raise ConfigError("encryption_key", "is required (or encryption_key_file); "
+                          "create one with `gateway keygen`")
+    old = [decode_key(k, f"encryption_keys_old[{i}]") for i, k in enumerate(old_keys)]
+    return SecretBox(current, old)
