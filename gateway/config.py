@@ -73,6 +73,7 @@ class ProviderConfig:
     token_url: URL | None = None
     revocation_url: URL | None = None
     issuer: URL | None = None
+    jwks_url: URL | None = None
     preset: str | None = None
     client_id: str = ""
     client_secret: str = field(default="", repr=False)
@@ -351,6 +352,7 @@ def _provider(name: str, s: _Section, presets: PresetLoader) -> ProviderConfig:
         authorize_url=url_of("authorize_url"),
         token_url=url_of("token_url"),
         revocation_url=url_of("revocation_url"),
+        jwks_url=url_of("jwks_url"),
         client_id=client_id,
         client_secret=client_secret,
         client_auth=client_auth,
