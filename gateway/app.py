@@ -11,7 +11,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -21,6 +22,7 @@ from gateway.errors import ConsentRequired, GatewayError, Unauthenticated
 from gateway.identities import IdentityService
 from gateway.middleware import error_middleware, error_response
 from gateway.oauth.client import OAuthClient
+from gateway.oauth.idtoken import IdTokenVerifier
 from gateway.proxy.handler import ProxyHandler, make_client_session
 from gateway.store import create_store
 from gateway.store.base import Identity, Store
@@ -33,7 +35,7 @@ from gateway.web.sessions import BrowserSessions
 
 log = logging.getLogger("gateway")
 
-IDENTITY = "gateway.identity"
+IDENTITY: web.RequestKey[Identity] = web.RequestKey("gateway.identity")
 HOUSEKEEPING_INTERVAL = 30.0
 
 
@@ -108,7 +110,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         link_key=derive(box.root_key, "connect-link"), flow_key=derive(box.root_key, "flow-cookie"),
         providers=lambda: providers,
         on_connected=lambda identity_id, name: tokens.invalidate(identity_id, name),
-        clock=clock)
+        verify_id_token=_id_token_verifier(IdTokenVerifier(http), clock), clock=clock)
     console = Console(config, store, identities, sessions, oauth, lambda: providers,
                       on_disconnected=lambda identity_id, name: tokens.invalidate(identity_id, name),
                       clock=clock)
@@ -127,8 +129,24 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             await housekeeping
         with contextlib.suppress(Exception):
             await identities.flush_last_used()
+        await tokens.close(config.server.shutdown_grace)
         await http.close()
         await store.close()
+
+
+def _id_token_verifier(verifier: IdTokenVerifier, clock: Callable[[], float]
+                       ) -> Callable[[ProviderConfig, str, str | None], Awaitable[Mapping[str, Any]] | None]:
+    """OIDC Core §3.1.3.7, for providers whose issuer and JWKS we know; others: no sub."""
+
+    async def verify(provider: ProviderConfig, id_token: str, nonce: str | None
+                     ) -> Mapping[str, Any] | None:
+        if provider.issuer is None or provider.jwks_url is None:
+            return None
+        return await verifier.verify(id_token, jwks_url=str(provider.jwks_url),
+                                     issuer=str(provider.issuer),
+                                     client_id=provider.client_id, nonce=nonce, now=clock())
+
+    return verify  # type: ignore[return-value]
 
 
 async def _housekeeping(app: web.Application) -> None:

@@ -84,11 +84,11 @@ class Console:
     # ------------------------------------------------------------------ login
 
     async def login_page(self, request: web.Request, *, error: str | None = None,
-                         name: str = "", status: int = 200) -> web.StreamResponse:
+                         name: str = "", status: int = 200,
+                         next_target: str | None = None) -> web.StreamResponse:
         token = request.cookies.get(LOGIN_CSRF_COOKIE) or secrets.token_urlsafe(24)
         resp = render(request, "login.html", {
-            "csrf": token, "next": _safe_next(request.query.get("next") or
-                                              (request.get("login_next") or None)),
+            "csrf": token, "next": _safe_next(next_target or request.query.get("next")),
             "error": error, "name": name}, status=status)
         resp.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="Strict",
                         secure=self._config.server.public_url.scheme == "https",
@@ -99,18 +99,18 @@ class Console:
         form = await request.post()
         name = str(form.get("name", ""))[:64]
         password = str(form.get("password", ""))
-        request["login_next"] = str(form.get("next", ""))
+        next_target = _safe_next(str(form.get("next", "")))
         cookie = request.cookies.get(LOGIN_CSRF_COOKIE, "")
         if not cookie or not secrets.compare_digest(cookie, str(form.get("csrf", ""))):
             return await self.login_page(request, error="Your login form expired; try again.",
-                                         name=name, status=403)
+                                         name=name, status=403, next_target=next_target)
         address = request.remote or "?"
         keys = (f"name:{name.lower()}", f"addr:{address}")
         wait = self.throttle.blocked_for(*keys)
         if wait > 0:
             resp = await self.login_page(
                 request, error=f"Too many failed logins; try again in {int(wait) + 1} seconds.",
-                name=name, status=429)
+                name=name, status=429, next_target=next_target)
             resp.headers["Retry-After"] = str(int(wait) + 1)
             return resp
         identity = await self._identities.verify_password(name, password)
@@ -118,10 +118,10 @@ class Console:
             self.throttle.failed(*keys)
             await self._audit_login(name, ok=False)
             return await self.login_page(request, error="Wrong identity name or password.",
-                                         name=name, status=401)
+                                         name=name, status=401, next_target=next_target)
         self.throttle.succeeded(*keys)
         await self._audit_login(identity.name, ok=True)
-        resp = redirect(_safe_next(request["login_next"]), status=303)
+        resp = redirect(next_target, status=303)
         await self._sessions.start(resp, identity, request)
         resp.del_cookie(LOGIN_CSRF_COOKIE, path="/_gateway/login")
         return resp

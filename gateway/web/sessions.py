@@ -20,13 +20,15 @@ from aiohttp import web
 from gateway.store.base import Identity, Store, WebSession
 
 SESSION_COOKIE = "gateway_session"
-SESSION_KEY = "gateway.session"
 
 
 @dataclass(frozen=True, slots=True)
 class Current:
     session: WebSession
     identity: Identity
+
+
+SESSION_KEY: web.RequestKey[Current | None] = web.RequestKey("gateway.session")
 
 
 def _hash(session_id: str) -> bytes:
@@ -59,8 +61,7 @@ class BrowserSessions:
 
     async def current(self, request: web.Request) -> Current | None:
         if SESSION_KEY in request:
-            cached: Current | None = request[SESSION_KEY]
-            return cached
+            return request[SESSION_KEY]
         found = await self._lookup(request)
         request[SESSION_KEY] = found
         return found
