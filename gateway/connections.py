@@ -26,7 +26,9 @@ async def revoke_connection(store: Store, oauth: OAuthClient, provider: Provider
     conn = await store.get_connection(identity_id, provider_name)
     if conn is None:
         return RevokeOutcome(False, False, "there was no connection")
-    revoked, note = False, "the provider has no revocation endpoint; tokens forgotten locally"
+    revoked, note = False, ("the provider has no revocation endpoint; tokens forgotten locally"
+                            if provider is not None else
+                            "the provider is no longer configured; tokens forgotten locally")
     if provider is not None and provider.revocation_url is not None:
         revoked = True
         for token, hint in ((conn.tokens.refresh_token, "refresh_token"),
