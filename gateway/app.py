@@ -23,7 +23,7 @@ from gateway.identities import IdentityService
 from gateway.middleware import error_middleware, error_response
 from gateway.oauth.client import OAuthClient
 from gateway.oauth.idtoken import IdTokenVerifier
-from gateway.proxy.handler import ProxyHandler, make_client_session
+from gateway.proxy.handler import ProxyHandler, make_client_session, refuse_connect
 from gateway.store import create_store
 from gateway.store.base import Identity, Store
 from gateway.tokens.crypto import SecretBox, box_from_config, derive
@@ -239,7 +239,7 @@ class _NotFound(GatewayError):
 def create_app(config: Config, *, clock: Callable[[], float] = time.time,
                box: SecretBox | None = None) -> web.Application:
     """The only composition root. Raises ConfigError (before serving) for a bad key."""
-    app = web.Application(middlewares=[error_middleware, connect_link_middleware],
+    app = web.Application(middlewares=[error_middleware, refuse_connect, connect_link_middleware],
                           client_max_size=1024 * 1024)
     app[CONFIG] = config
     app[BOX] = box or box_from_config(config.encryption_key, config.encryption_key_file,
@@ -262,7 +262,7 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time,
     r.add_post("/_gateway/keys", key_create)
     r.add_post("/_gateway/keys/revoke", key_revoke)
     r.add_route("*", "/_gateway/{tail:.*}", gateway_not_found)
-    r.add_route("*", "/{tail:.*}", proxy)
+    r.add_route("*", r"/{tail:[\s\S]*}", proxy)
     return app
 
 

@@ -48,7 +48,7 @@ async def serve_async(config: Config, *, reuse_port: bool = False,
 
     app = create_app(config)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.server.shutdown_grace,
-                           handle_signals=False)
+                           handle_signals=False, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, config.server.host, config.server.port, reuse_port=reuse_port,
                        backlog=1024)
