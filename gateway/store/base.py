@@ -45,7 +45,7 @@ class TokenFields:
 
     access_token: str = field(repr=False)
     refresh_token: str | None = field(default=None, repr=False)
-    token_type: str = "Bearer"
+    token_type: str = "Bearer"  # noqa: S105 (a scheme name, not a secret)
     expires_at: float | None = None
     scopes: tuple[str, ...] = ()
     extra: Mapping[str, str] = field(default_factory=dict)  # e.g. instance_url
