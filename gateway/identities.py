@@ -133,9 +133,13 @@ class IdentityService:
     proxy's hot path. Every method validates its input before touching the store."""
 
     def __init__(self, store: Store, box: SecretBox, clock: Callable[[], float] = time.time, *,
-                 cache_ttl: float = 5.0, cache_size: int = 10_000) -> None:
+                 cache_ttl: float = 5.0, cache_size: int = 10_000,
+                 mac_key: bytes | None = None) -> None:
+        """``mac_key`` is the key-hash secret pinned in the store
+        (:func:`gateway.keyrotation.api_key_mac`), so keys survive an encryption-key
+        rotation; without it the key is derived from the current encryption key."""
         self._store = store
-        self._mac_key = derive(box.root_key, "api-key")
+        self._mac_key = mac_key if mac_key is not None else derive(box.root_key, "api-key")
         self._clock = clock
         self._ttl = cache_ttl
         self._size = cache_size

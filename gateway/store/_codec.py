@@ -50,6 +50,10 @@ def session_context(id_hash: bytes) -> str:
     return f"session/{bytes(id_hash).hex()}/csrf"
 
 
+def secret_context(name: str) -> str:
+    return f"secret/{name}/value"
+
+
 # --------------------------------------------------------------------------- tokens
 
 

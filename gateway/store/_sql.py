@@ -20,6 +20,7 @@ from typing import Any, Literal, Protocol
 
 from gateway.errors import BadRequest
 from gateway.store import _codec as codec
+from gateway.store import _rekey
 from gateway.store._codec import Row
 from gateway.store.base import (
     ApiKey,
@@ -28,6 +29,7 @@ from gateway.store.base import (
     ConnectionStatus,
     Identity,
     PendingAuthorization,
+    ReencryptReport,
     TokenFields,
     WebSession,
 )
@@ -346,3 +348,28 @@ class SqlStore(abc.ABC):
             await db.execute("DELETE FROM sessions WHERE expires_at <= ?", float(now))
             if audit_before is not None:
                 await db.execute("DELETE FROM audit_events WHERE at < ?", float(audit_before))
+
+    # encryption keys ---------------------------------------------------------
+
+    async def reencrypt(self, batch: int = 500) -> ReencryptReport:
+        """See :mod:`gateway.store._rekey`."""
+        return await _rekey.reencrypt(self._read, self._write, self._box, batch)
+
+    async def count_stale_secrets(self) -> int:
+        return await _rekey.count_stale(self._read, self._box)
+
+    async def server_secret(self, name: str, initial: bytes) -> bytes:
+        """Insert-if-absent, then read: processes starting together agree on one value."""
+        if not isinstance(name, str) or not name:
+            raise BadRequest("a server secret needs a non-empty name")
+        if not isinstance(initial, bytes) or len(initial) < 16:
+            raise BadRequest("a server secret must be at least 16 bytes")
+        context = codec.secret_context(name)
+        async with self._write() as db:
+            # A concurrent inserter makes ours wait, then do nothing; the SELECT (a new
+            # snapshot in READ COMMITTED) sees the winner's row.
+            await db.execute("INSERT INTO server_secrets (name, value) VALUES (?, ?) "
+                             "ON CONFLICT (name) DO NOTHING",
+                             name, self._box.encrypt(initial.hex(), context))
+            rows = await db.fetch("SELECT value FROM server_secrets WHERE name = ?", name)
+        return bytes.fromhex(self._box.decrypt(rows[0]["value"], context))

@@ -97,6 +97,14 @@ class AuditEvent:
     id: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class ReencryptReport:
+    """What one ``Store.reencrypt`` run did, in rows."""
+
+    reencrypted: int = 0  # rows whose secrets were sealed again under the current key
+    unreadable: int = 0  # rows no configured key could decrypt; left exactly as they were
+
+
 class Store(Protocol):
     """Persistence for identities, keys, connections, pending authorizations and sessions."""
 
@@ -184,3 +192,16 @@ class Store(Protocol):
 
     async def purge_expired(self, now: float, audit_before: float | None = None) -> None:
         """Drop expired pending authorizations, used links, sessions and old audit rows."""
+
+    # encryption keys ---------------------------------------------------------
+    async def reencrypt(self, batch: int = 500) -> ReencryptReport:
+        """Seal every stored secret that is not under the current key again under it (key
+        rotation), ``batch`` rows per transaction, while other instances keep using the
+        store: a concurrent refresh is never overwritten, and no plaintext changes."""
+
+    async def count_stale_secrets(self) -> int:
+        """Rows holding a secret not sealed with the current key (0: old keys can go)."""
+
+    async def server_secret(self, name: str, initial: bytes) -> bytes:
+        """A server-side secret kept in the store (encrypted like tokens, so it survives key
+        rotation): stored as ``initial`` by the first caller, the stored value for all."""

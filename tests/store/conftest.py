@@ -142,7 +142,7 @@ def _pg_backend(url: str) -> Backend:
 
 
 @asynccontextmanager
-async def _pg_schema() -> AsyncIterator[Backend]:
+async def pg_schema() -> AsyncIterator[Backend]:
     """A fresh schema on the test server, dropped afterwards."""
     admin_url = await pg_admin_url()
     schema = f"gwtest_{secrets.token_hex(6)}"
@@ -160,14 +160,14 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     if request.param == "sqlite":
         yield _sqlite_backend(tmp_path / "data" / "gateway.db")
         return
-    async with _pg_schema() as pg:
+    async with pg_schema() as pg:
         yield pg
 
 
 @pytest.fixture
 async def pg_backend() -> AsyncIterator[Backend]:
     """PostgreSQL alone, for the tests of what only that backend has."""
-    async with _pg_schema() as pg:
+    async with pg_schema() as pg:
         yield pg
 
 
