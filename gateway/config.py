@@ -85,6 +85,29 @@ class ProviderConfig:
     authorize_params: Mapping[str, str] = field(default_factory=dict)
     token_params: Mapping[str, str] = field(default_factory=dict)
     problems: tuple[str, ...] = ()
+    # Named API bases: ``/<provider>/<name>/<path>`` goes to ``upstreams[name]/<path>``; other
+    # paths go to ``upstream``. Values are absolute http(s) URLs without query.
+    upstreams: Mapping[str, URL] = field(default_factory=dict)
+    # Preset URL template variables as resolved (config value, else the preset's default), and
+    # the ones a used template still lacks (each makes the provider not usable).
+    vars: Mapping[str, str] = field(default_factory=dict)
+    missing_vars: tuple[str, ...] = ()
+    # Where each setting came from: "config", "preset" or "discovery" (absent: default).
+    sources: Mapping[str, str] = field(default_factory=dict)
+    # Discovery (gateway.oauth.discovery) ran and filled what it could, or failed with this.
+    discovered: bool = False
+    discovery_error: str | None = None
+    # Provider quirks, declared by presets; each default means "standard behaviour". Their
+    # meaning is documented in gateway/oauth/catalog.py (QUIRKS).
+    scope_param: str = "scope"
+    token_request_format: str = "form"  # noqa: S105 (a body format, not a secret)
+    token_response_format: str = "json"  # noqa: S105
+    token_response_path: tuple[str, ...] = ()
+    upstream_from_token: str | None = None
+    expires_absolute_field: str | None = None
+    never_expires: bool = False
+    revocation_method: str = "rfc7009"
+    upstream_auth_scheme: str = "Bearer"
 
     @property
     def usable(self) -> bool:
@@ -309,87 +332,134 @@ PresetLoader = Callable[[str], Mapping[str, Any] | None]
 
 
 def _provider(name: str, s: _Section, presets: PresetLoader) -> ProviderConfig:
+    """One ``providers.<name>`` entry; explicit keys win over the preset's values.
+
+    Preset values are read through a :class:`_Section` of their own, so they are validated
+    like config values (a bad one names ``preset <name>.<key>``). ``{var}`` templates in them
+    are filled from ``vars`` first (:func:`gateway.oauth.catalog.fill_preset`); a template that
+    is used but cannot be filled makes the provider not usable, naming the variable to set.
+    """
+    from dataclasses import replace
+
+    from gateway.oauth import catalog  # quirks and templates live with the catalog
+
     if not _PROVIDER_NAME.match(name) or name.startswith("_"):
         raise ConfigError(s.path, "provider names use a-z, 0-9, '-' and '_' (max 63)")
     preset_name = s.str("preset")
-    base: Mapping[str, Any] = {}
+    given_vars = s.str_map("vars")
+    filled = catalog.FilledPreset()
     if preset_name is not None:
         found = presets(preset_name)
         if found is None:
-            raise ConfigError(s.key("preset"), f"unknown preset {preset_name!r} (see `gateway providers`)")
-        base = found
+            raise ConfigError(s.key("preset"),
+                              f"unknown preset {preset_name!r} (see `gateway providers`)")
+        filled = catalog.fill_preset(found, given_vars, s.key("vars"))
+    elif given_vars:
+        raise ConfigError(s.key("vars"), "only fills a preset's URL templates; set preset too")
+    ps = _Section(dict(filled.values), f"preset {preset_name}")
+    missing: set[str] = set()
+    sources: dict[str, str] = {}
 
-    def pick(key: str) -> Any:
-        return s.raw(key) if s.has(key) else base.get(key)
+    def src(key: str) -> _Section:
+        """The section ``key`` is read from: the config when it sets it, else the preset."""
+        s.seen.add(key)  # an explicit null means "the preset's value, or the default"
+        if s.has(key):
+            sources[key] = "config"
+            return s
+        missing.update(filled.unfilled.get(key, ()))
+        if ps.has(key):
+            sources[key] = "preset"
+        return ps
 
-    def url_of(key: str) -> URL | None:
-        v = pick(key)
-        if v in (None, ""):
-            s.seen.add(key)
-            return None
-        if not isinstance(v, str):
-            raise ConfigError(s.key(key), "must be a string")
-        return parse_http_url(v, s.key(key))
+    def merged(key: str) -> dict[str, str]:
+        """A string map: the preset's entries, each overridable by the config's."""
+        own = s.str_map(key)
+        for entry, lacking in filled.unfilled.items():
+            if entry.startswith(f"{key}.") and entry[len(key) + 1:] not in own:
+                missing.update(lacking)
+        out = {**ps.str_map(key), **own}
+        if out:
+            sources[key] = "config" if own else "preset"
+        return out
 
-    client_auth = str(pick("client_auth") or "client_secret_basic")
+    upstreams: dict[str, URL] = {}
+    for up_name, up_url in merged("upstreams").items():
+        upstreams[up_name] = catalog.parse_upstream(up_name, up_url,
+                                                    s.key(f"upstreams.{up_name}"))
+    client_auth = src("client_auth").str("client_auth", "client_secret_basic") or ""
     if client_auth not in CLIENT_AUTH_METHODS:
         raise ConfigError(s.key("client_auth"), f"must be one of {', '.join(CLIENT_AUTH_METHODS)}")
-    grant = str(pick("grant") or "authorization_code")
+    grant = src("grant").str("grant", "authorization_code") or ""
     if grant not in GRANTS:
         raise ConfigError(s.key("grant"), f"must be one of {', '.join(GRANTS)}")
-    scopes_raw = s.str_list("scopes") if s.has("scopes") else tuple(base.get("scopes", ()))
-    sep = s.str("scope_separator") if s.has("scope_separator") else base.get("scope_separator", " ")
-    pkce = s.bool("pkce", bool(base.get("pkce", True)))
-    params = {**dict(base.get("authorize_params", {})), **s.str_map("authorize_params")}
-    tparams = {**dict(base.get("token_params", {})), **s.str_map("token_params")}
-    client_id = s.str("client_id", "") or ""
-    client_secret = s.str("client_secret", "") or ""
+    scopes = list(src("scopes").str_list("scopes"))
+    # Scopes the provider needs for the gateway to work (e.g. offline_access for a refresh
+    # token) are added to whatever scopes are configured; `required_scopes: []` opts out.
+    scopes += [x for x in src("required_scopes").str_list("required_scopes") if x not in scopes]
     cfg = ProviderConfig(
         name=name,
         preset=preset_name,
-        issuer=url_of("issuer"),
-        upstream=url_of("upstream"),
-        authorize_url=url_of("authorize_url"),
-        token_url=url_of("token_url"),
-        revocation_url=url_of("revocation_url"),
-        jwks_url=url_of("jwks_url"),
-        client_id=client_id,
-        client_secret=client_secret,
+        issuer=src("issuer").url("issuer"),
+        upstream=src("upstream").url("upstream"),
+        upstreams=upstreams,
+        authorize_url=src("authorize_url").url("authorize_url"),
+        token_url=src("token_url").url("token_url"),
+        revocation_url=src("revocation_url").url("revocation_url"),
+        jwks_url=src("jwks_url").url("jwks_url"),
+        client_id=s.str("client_id", "") or "",
+        client_secret=s.str("client_secret", "") or "",
         client_auth=client_auth,
         grant=grant,
-        scopes=scopes_raw,
-        scope_separator=str(sep or " "),
-        pkce=pkce,
-        authorize_params=params,
-        token_params=tparams,
+        scopes=tuple(scopes),
+        scope_separator=src("scope_separator").str("scope_separator", " ") or " ",
+        pkce=src("pkce").bool("pkce", True),
+        authorize_params=merged("authorize_params"),
+        token_params=merged("token_params"),
+        vars=filled.vars,
+        **catalog.read_quirks(src),
     )
     s.done()
-    return with_problems(cfg)
+    return with_problems(replace(cfg, missing_vars=tuple(sorted(missing)), sources=sources))
 
 
 def with_problems(cfg: ProviderConfig) -> ProviderConfig:
-    """Recompute why a provider cannot be used yet (missing secrets or endpoints)."""
-    problems = []
-    if cfg.upstream is None:
+    """Recompute why a provider cannot be used yet (missing secrets, endpoints or variables).
+
+    An ``issuer`` stands in for missing endpoints until discovery has run; once it has, an
+    endpoint the document lacked is a problem of its own, and so is a failed discovery.
+    """
+    from dataclasses import replace
+
+    problems = [f"set providers.{cfg.name}.vars.{var} (the preset's URLs need it)"
+                for var in cfg.missing_vars]
+    # Endpoints a preset template could not fill are a consequence of the missing variable,
+    # not problems of their own: name only the variable to set.
+    endpoints_pending = bool(cfg.missing_vars) or (cfg.issuer is not None and not cfg.discovered)
+    if cfg.discovery_error is not None:
+        problems.append(cfg.discovery_error)
+    if (cfg.upstream is None and not cfg.upstreams and cfg.upstream_from_token is None
+            and not cfg.missing_vars):
         problems.append("no upstream URL")
-    if cfg.token_url is None and cfg.issuer is None:
-        problems.append("no token_url (or issuer for discovery)")
-    if cfg.grant == "authorization_code" and cfg.authorize_url is None and cfg.issuer is None:
-        problems.append("no authorize_url (or issuer for discovery)")
+    wanted = [("token_url", "token_endpoint", True),
+              ("authorize_url", "authorization_endpoint", cfg.grant == "authorization_code")]
+    for attr, member, needed in wanted:
+        if not needed or getattr(cfg, attr) is not None or endpoints_pending:
+            continue
+        if cfg.issuer is None:
+            problems.append(f"no {attr} (or issuer for discovery)")
+        elif cfg.discovery_error is None:
+            problems.append(f"no {attr} (the discovery document has no {member})")
     if not cfg.client_id:
         problems.append("client_id is not set")
     if cfg.client_auth != "none" and not cfg.client_secret:
         problems.append("client_secret is not set")
-    from dataclasses import replace
-
     return replace(cfg, problems=tuple(problems))
 
 
 def _no_presets(name: str) -> Mapping[str, Any] | None:
-    try:
-        from gateway.oauth import catalog
-    except ImportError:
-        return None
+    """The built-in preset loader (the name is historical: tests pass their own loader)."""
+    from gateway.oauth import catalog
+
     return catalog.load_preset(name)
 
 

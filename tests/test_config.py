@@ -237,8 +237,6 @@ def test_empty_file_only_lacks_the_key() -> None:
     assert fails("").path == "encryption_key"
 
 
-@pytest.mark.xfail(strict=True, reason="config.py treats an explicit null provider key as "
-                   "unknown (reported to the lead; remove this marker once fixed)")
 def test_null_provider_values_mean_default() -> None:
     cfg = load(with_key(PROVIDER + "    client_auth: null\n    scopes: null\n"))
     assert cfg.providers["demo"].client_auth == "client_secret_basic"

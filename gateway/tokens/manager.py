@@ -75,6 +75,7 @@ from gateway.tokens.source import Lease
 log = logging.getLogger("gateway.tokens")
 
 EventHook = Callable[[str, str, str, str], None]
+CacheHook = Callable[[str, bool], None]  # (provider, hit) per lease()
 EVENT_REFRESHED = "connection.refreshed"
 """``on_event`` kind; outcome is ``ok``, ``failed`` or ``reconsent_required``."""
 
@@ -139,7 +140,8 @@ class TokenManager:
 
     def __init__(self, store: Store, oauth: OAuthClient, providers: Mapping[str, ProviderConfig],
                  *, skew: float = 60.0, clock: Callable[[], float] = time.time,
-                 lock_timeout: float = 30.0, on_event: EventHook | None = None) -> None:
+                 lock_timeout: float = 30.0, on_event: EventHook | None = None,
+                 on_cache: CacheHook | None = None) -> None:
         if math.isnan(skew) or skew < 0:
             raise ValueError("skew must be a non-negative number of seconds")
         self._store = store
@@ -149,6 +151,7 @@ class TokenManager:
         self._clock = clock
         self._lock_timeout = lock_timeout
         self._on_event = on_event
+        self._on_cache = on_cache
         self._cache: dict[_Key, _Cached] = {}
         self._flights: dict[_Key, _Flight] = {}
         self._retry_at: dict[_Key, float] = {}  # no proactive refresh before (after a failure)
@@ -162,6 +165,8 @@ class TokenManager:
         cfg = self._provider(provider)
         key = (identity.id, provider)
         cached = self._cache.get(key)
+        if self._on_cache is not None:
+            self._on_cache(provider, cached is not None)
         conn = cached.conn if cached is not None else await self._read(key)
         cc = cfg.grant == "client_credentials"
         if conn is not None and conn.status == "active":
@@ -192,7 +197,9 @@ class TokenManager:
     async def rejected(self, identity: Identity, provider: str, lease: Lease) -> Lease | None:
         """The upstream answered 401 to ``lease``: return a newer token (one already stored,
         or from a forced single-flight refresh), or None when none can be had. Raises
-        TokenEndpointUnavailable when the token endpoint is failing transiently."""
+        TokenEndpointUnavailable when the token endpoint is failing transiently, and
+        Consent/ReconsentRequired when the connection is gone or its refresh token was
+        rejected (the connection is then marked reconsent_required)."""
         cfg = self._provider(provider)
         key = (identity.id, provider)
         cached = self._cache.get(key)
@@ -209,9 +216,11 @@ class TokenManager:
                 if flight.force and flight.seen_version == lease.version:
                     return None
                 continue
-            if result.kind in ("stale_ok", "unavailable"):
+            if result.kind in ("stale_ok", "unavailable", "consent", "reconsent"):
+                # A rejected refresh token (or a connection removed meanwhile) is news the
+                # client can act on: reconsent_required with a link beats the upstream's 401.
                 raise self._error(result, provider)
-            return None  # consent, reconsent, broken: the upstream's 401 goes to the client
+            return None  # broken (e.g. invalid_client): the upstream's 401 goes to the client
         return None
 
     # ------------------------------------------------------------------ app hooks

@@ -81,10 +81,22 @@ async def test_consent_proxy_refresh_and_revoke_through_the_gateway(
         assert rotated.tokens.refresh_token != conn.tokens.refresh_token
         assert rotated.version > conn.version
 
-        # Reactive refresh: the provider revokes the access token; the gateway gets a 401,
-        # refreshes once and retries.
+        # The provider revokes the access token, and oidc-provider revokes the whole grant
+        # with it: the upstream's 401 makes the gateway refresh once, the refresh token is
+        # refused, and the client learns it must re-consent (not a bare upstream 401).
         assert await services.oauth.revoke(config.providers["op"], rotated.tokens.access_token,
                                            "access_token") is None
+        me = await browser.get(f"{base}/op/me", headers=auth)
+        assert me.status == 401 and me.headers["Gateway-Error"] == "reconsent_required"
+        assert (await me.json())["connect_url"].startswith(f"{base}/_gateway/connect/op?link=")
+        [marked] = await services.store.list_connections()
+        assert marked.status == "reconsent_required"
+
+        # Consenting again restores the connection.
+        start = await browser.get(f"{base}/_gateway/connect/op", allow_redirects=False)
+        back = await authorize_in_browser(browser, start.headers["Location"], stop_at=callback,
+                                          login="alice")
+        assert (await browser.get(back, allow_redirects=False)).status == 200
         me = await browser.get(f"{base}/op/me", headers=auth)
         assert me.status == 200, await me.text()
 

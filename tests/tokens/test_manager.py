@@ -238,8 +238,8 @@ async def test_no_refresh_token_used_until_expiry_then_reconsent(
         await manager.lease(alice, "fake")
     assert fake.hits["token"] == 0
     assert await store.get_connection(alice.id, "fake") == old  # nothing was refused: unmarked
-    assert await manager.rejected(alice, "fake", Lease(old.tokens.access_token,
-                                                       version=old.version)) is None
+    with pytest.raises(ReconsentRequired):  # an upstream 401 with no refresh token: re-consent
+        await manager.rejected(alice, "fake", Lease(old.tokens.access_token, version=old.version))
 
 
 async def test_hook_failure_does_not_break_a_refresh(store: CountingStore, fake: FakeAuthServer,
@@ -321,15 +321,17 @@ async def test_rejected_forces_one_refresh(manager: TokenManager, store: Countin
     assert fake.hits["token"] == 1
 
 
-async def test_rejected_after_invalid_grant_is_none(manager: TokenManager, store: CountingStore,
+async def test_rejected_after_invalid_grant_asks_for_reconsent(manager: TokenManager, store: CountingStore,
                                                     fake: FakeAuthServer, alice: Identity,
                                                     clock: Clock) -> None:
     await connect(store, fake, alice, clock)
     lease = await manager.lease(alice, "fake")
     fake.revoke_user("alice")
-    assert await manager.rejected(alice, "fake", lease) is None
+    with pytest.raises(ReconsentRequired):
+        await manager.rejected(alice, "fake", lease)
     with pytest.raises(ReconsentRequired):
         await manager.lease(alice, "fake")
+    assert (await store.get_connection(alice.id, "fake")).status == "reconsent_required"  # type: ignore[union-attr]
 
 
 async def test_rejected_with_failing_endpoint_is_unavailable(manager: TokenManager,
@@ -347,9 +349,10 @@ async def test_rejected_with_failing_endpoint_is_unavailable(manager: TokenManag
     assert (await manager.rejected(alice, "fake", lease)) is not None  # recovered
 
 
-async def test_rejected_without_connection_is_none(manager: TokenManager,
-                                                   alice: Identity) -> None:
-    assert await manager.rejected(alice, "fake", Lease("gone", version=3)) is None
+async def test_rejected_without_connection_asks_for_consent(manager: TokenManager,
+                                                            alice: Identity) -> None:
+    with pytest.raises(ConsentRequired):
+        await manager.rejected(alice, "fake", Lease("gone", version=3))
 
 
 async def test_invalidate_drops_the_cache(manager: TokenManager, store: CountingStore,
