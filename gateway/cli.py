@@ -168,7 +168,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError:
         raise CliError("this installation has no server (gateway.app is missing)",
                        EXIT_FAILURE) from None
-    run(cfg, workers=args.workers)
+    run(cfg, workers=args.workers, pidfile=getattr(args, "pidfile", None))
     return EXIT_OK
 
 
@@ -358,27 +358,16 @@ def cmd_connections_list(args: argparse.Namespace) -> int:
 
 
 def cmd_connections_revoke(args: argparse.Namespace) -> int:
-    import aiohttp
-
-    from gateway.connections import revoke_connection
-    from gateway.oauth.client import OAuthClient
-
     name = _valid_name(args.identity)
     cfg = _load(args)
 
     async def go() -> int:
-        async with open_store(cfg) as (store, _):
-            identity = await store.get_identity(name)
-            if identity is None:
-                raise BadRequest(f"IDENTITY: identity '{name}' does not exist")
-            if await store.get_connection(identity.id, args.provider) is None:
-                raise BadRequest(f"PROVIDER: identity '{name}' has no connection to "
-                                 f"'{args.provider}'")
-            provider = cfg.providers.get(args.provider)
-            async with aiohttp.ClientSession() as http:
-                oauth = OAuthClient(http, timeout=cfg.server.token_timeout)
-                outcome = await revoke_connection(store, oauth, provider, identity.id,
-                                                  args.provider)
+        async with _admin_ops(cfg) as ops:
+            try:
+                outcome = await ops.revoke_connection(name, args.provider)
+            except BadRequest as e:  # unknown identity or no such connection
+                which = "PROVIDER" if "connection" in e.message else "IDENTITY"
+                raise CliError(f"{which}: {e.message}") from None
             if outcome.revoked_at_provider:
                 _out(f"Revoked the grant of '{name}' at '{args.provider}' and forgot its tokens.")
             else:
@@ -387,6 +376,76 @@ def cmd_connections_revoke(args: argparse.Namespace) -> int:
             return EXIT_OK
 
     return asyncio.run(go())
+
+
+@asynccontextmanager
+async def _admin_ops(cfg: Config) -> AsyncIterator[Any]:
+    """The shared admin operations (gateway.admin.AdminOps) over the configured store."""
+    import aiohttp
+
+    from gateway.admin import AdminOps
+    from gateway.audit import AuditLog
+    from gateway.keyrotation import api_key_mac
+    from gateway.oauth.client import OAuthClient
+
+    async with open_store(cfg) as (store, box), aiohttp.ClientSession() as http:
+        audit = AuditLog(store)
+        identities = IdentityService(store, box, mac_key=await api_key_mac(store, box))
+        yield AdminOps(store, identities, audit,
+                       OAuthClient(http, timeout=cfg.server.token_timeout),
+                       lambda: cfg.providers)
+        await audit.flush()
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from gateway.audit import parse_since
+
+    wanted = _valid_name(args.identity) if args.identity is not None else None
+    try:
+        since = parse_since(args.since, time.time()) if args.since is not None else None
+    except BadRequest as e:
+        raise CliError(f"--since: {e.message.removeprefix('since: ')}") from None
+    cfg = _load(args)
+
+    async def go() -> int:
+        async with _admin_ops(cfg) as ops:
+            events = list(reversed(await ops.audit_events(wanted, since, args.limit)))
+        if args.json:
+            for e in events:
+                _out(json.dumps({"at": e.at, "kind": e.kind, "outcome": e.outcome,
+                                 "identity": e.identity, "provider": e.provider,
+                                 "detail": e.detail}))
+            return EXIT_OK
+        _table(["TIME", "KIND", "OUTCOME", "IDENTITY", "PROVIDER", "DETAIL"],
+               [[_when(e.at), e.kind, e.outcome, e.identity or "-", e.provider or "-",
+                 e.detail or ""] for e in events])
+        return EXIT_OK
+
+    return asyncio.run(go())
+
+
+def cmd_rotate_key(args: argparse.Namespace) -> int:
+    """Re-encrypt stored secrets under the current key, or start a rotation (see
+    gateway.keyrotation)."""
+    from gateway import keyrotation
+
+    cfg = _load(args)
+    request = keyrotation.Request(new_key=args.new_key, batch=args.batch, status=args.status)
+    return keyrotation.run(cfg, request, _out, _warn, sys.stdin)
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    from gateway.serving import default_pidfile, request_reload
+
+    cfg = _load(args)  # a broken file is refused here already (exit 2), nothing is signalled
+    path = Path(args.pidfile) if args.pidfile else default_pidfile(cfg)
+    pid = request_reload(path)
+    _out(f"Asked the gateway (pid {pid}) to reload {cfg.source}; its log says "
+         "'config reloaded' or 'config reload refused'.")
+    return EXIT_OK
 
 
 def _catalog() -> tuple[Callable[[], list[str]], Callable[[str], Any]]:
@@ -472,7 +531,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes sharing the port (SO_REUSEPORT)")
     p.add_argument("--host", default=None, help="listen address (overrides server.host)")
     p.add_argument("--port", type=_port, default=None, help="listen port (overrides server.port)")
+    p.add_argument("--pidfile", metavar="PATH", default=None,
+                   help="where to write the server's pid (default: gateway.pid next to the "
+                        "config file); `gateway reload` reads it")
+    p = add(sub, "reload", cmd_reload,
+            "make the running server reload its provider config (SIGHUP)")
+    p.add_argument("--pidfile", metavar="PATH", default=None,
+                   help="the pidfile `gateway serve` wrote (default: next to the config file)")
+    p = add(sub, "audit", cmd_audit, "show the audit trail, oldest first")
+    p.add_argument("--identity", metavar="NAME", default=None, help="only this identity's events")
+    p.add_argument("--since", metavar="TIME", default=None,
+                   help="ISO-8601 time (2024-05-01T12:00:00Z) or a duration back from now "
+                        "(30m, 24h, 7d)")
+    p.add_argument("--limit", type=_positive, default=1000, metavar="N",
+                   help="at most N events, the newest (default 1000)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
     add(sub, "keygen", cmd_keygen, "print a new encryption key")
+    p = add(sub, "rotate-key", cmd_rotate_key,
+            "re-encrypt every stored secret under the current encryption_key while the gateway "
+            "serves; with nothing to re-encrypt, start a rotation (prints a new key last)")
+    p.add_argument("--new-key", metavar="KEY", default=None,
+                   help="start a rotation to this key instead of a generated one ('-': read "
+                        "it from stdin); it is never printed")
+    p.add_argument("--batch", type=_positive, default=500, metavar="N",
+                   help="rows per transaction while re-encrypting (default 500)")
+    p.add_argument("--status", action="store_true",
+                   help="only report how many stored rows are not yet under the current key")
     p = add(sub, "check", cmd_check, "validate the config")
     p.add_argument("--online", action="store_true", help="also fetch discovery documents")
 

@@ -11,10 +11,11 @@ the shipped config must start on a fresh machine, and the dashboard explains wha
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,13 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _PROVIDER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 CLIENT_AUTH_METHODS = ("client_secret_basic", "client_secret_post", "none")
 GRANTS = ("authorization_code", "client_credentials")
+# A config is a few hundred values; these bounds turn a hostile document (deep nesting,
+# "billion laughs" aliases) into a ConfigError instead of a RecursionError or a hang.
+MAX_DEPTH = 32
+MAX_VALUES = 100_000
+# Defaults of the request limits (gateway.limits), also used by the ServerConfig defaults.
+DEFAULT_MAX_BODY_BYTES = 100 * 1024 * 1024
+DEFAULT_REPLAY_BODY_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,8 +43,15 @@ class ServerConfig:
     port: int = 8080
     public_url: URL = URL("http://127.0.0.1:8080")
     forwarded_headers: bool = True
-    max_body_bytes: int = 100 * 1024 * 1024
-    replay_body_bytes: int = 64 * 1024
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    replay_body_bytes: int = DEFAULT_REPLAY_BODY_BYTES
+    # Request limits enforced by the HTTP parser before any handler runs (gateway.limits):
+    # the request target, one header field, the number of header fields.
+    max_url_bytes: int = 8190
+    max_header_bytes: int = 8190
+    max_headers: int = 128
+    # Requests one identity may have in flight at once (0: no limit); more get 429.
+    max_concurrent_per_identity: int = 256
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     pool_limit: int = 1000
@@ -55,6 +70,7 @@ class StoreConfig:
     url: str
     kind: str  # "sqlite" | "postgresql"
     path: Path | None = None  # sqlite only, absolute
+    busy_timeout: float = 5.0  # sqlite only: how long a write waits for another writer
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +141,10 @@ class Config:
     encryption_key_file: Path | None = None
     encryption_keys_old: tuple[str, ...] = field(default=(), repr=False)
     log_format: str = "json"
+    admin: AdminConfig = field(default_factory=lambda: AdminConfig())
+    metrics: MetricsConfig = field(default_factory=lambda: MetricsConfig())
+    rate_limit: RateLimitConfig | None = None
+    audit_retention_days: float = 90.0  # 0: keep audit events forever
 
 
 # --------------------------------------------------------------------------- helpers
@@ -143,13 +163,23 @@ def interpolate(text: str, env: Mapping[str, str], path: str) -> str:
     return _VAR.sub(sub, text)
 
 
-def _interpolate_tree(node: Any, env: Mapping[str, str], path: str) -> Any:
+def _interpolate_tree(node: Any, env: Mapping[str, str], path: str,
+                      budget: list[int] | None = None, depth: int = 0) -> Any:
+    """A copy of ``node`` with strings interpolated; bounded in depth and size (YAML aliases
+    can make a short file describe an exponential number of values)."""
+    budget = [MAX_VALUES] if budget is None else budget
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ConfigError(path, f"the document has more than {MAX_VALUES} values")
+    if depth > MAX_DEPTH:
+        raise ConfigError(path, f"nested more than {MAX_DEPTH} levels deep")
     if isinstance(node, str):
         return interpolate(node, env, path)
     if isinstance(node, list):
-        return [_interpolate_tree(v, env, f"{path}[{i}]") for i, v in enumerate(node)]
+        return [_interpolate_tree(v, env, f"{path}[{i}]", budget, depth + 1)
+                for i, v in enumerate(node)]
     if isinstance(node, dict):
-        return {k: _interpolate_tree(v, env, f"{path}.{k}" if path else str(k))
+        return {k: _interpolate_tree(v, env, f"{path}.{k}" if path else str(k), budget, depth + 1)
                 for k, v in node.items()}
     return node
 
@@ -205,12 +235,14 @@ class _Section:
         if v is None:
             return default
         try:
-            if isinstance(v, bool):
+            if isinstance(v, bool) or (isinstance(v, float) and not math.isfinite(v)):
                 raise ValueError
             n = int(v) if integer else float(v)
             if integer and isinstance(v, float) and not v.is_integer():
                 raise ValueError
-        except (TypeError, ValueError):
+            if not integer and not math.isfinite(n):  # "nan", "inf" as strings
+                raise ValueError
+        except (TypeError, ValueError, OverflowError):
             kind = "a whole number" if integer else "a number"
             raise ConfigError(self.key(name), f"must be {kind}") from None
         if n < minimum or (maximum is not None and n > maximum):
@@ -280,8 +312,17 @@ def _server(s: _Section) -> ServerConfig:
         port=port,
         public_url=public,
         forwarded_headers=s.bool("forwarded_headers", True),
-        max_body_bytes=s.number("max_body_bytes", ServerConfig.max_body_bytes, integer=True),
-        replay_body_bytes=s.number("replay_body_bytes", ServerConfig.replay_body_bytes, integer=True),
+        # (literal defaults: on a slotted dataclass, ``ServerConfig.x`` is a descriptor)
+        max_body_bytes=s.number("max_body_bytes", DEFAULT_MAX_BODY_BYTES, integer=True),
+        replay_body_bytes=s.number("replay_body_bytes", DEFAULT_REPLAY_BODY_BYTES,
+                                   integer=True),
+        max_url_bytes=s.number("max_url_bytes", 8190, minimum=256, maximum=1024 * 1024,
+                               integer=True),
+        max_header_bytes=s.number("max_header_bytes", 8190, minimum=256, maximum=1024 * 1024,
+                                  integer=True),
+        max_headers=s.number("max_headers", 128, minimum=8, maximum=10_000, integer=True),
+        max_concurrent_per_identity=s.number("max_concurrent_per_identity", 256,
+                                             integer=True),
         connect_timeout=s.number("connect_timeout", 10.0, minimum=0.001),
         read_timeout=s.number("read_timeout", 60.0, minimum=0.001),
         pool_limit=s.number("pool_limit", 1000, integer=True),
@@ -296,8 +337,9 @@ def _server(s: _Section) -> ServerConfig:
 
 def _store(s: _Section, base_dir: Path) -> StoreConfig:
     url = s.str("url", "sqlite:///gateway.db") or "sqlite:///gateway.db"
+    busy = s.number("busy_timeout", 5.0, minimum=0, maximum=600)
     s.done()
-    return parse_store_url(url, base_dir, s.key("url"))
+    return replace(parse_store_url(url, base_dir, s.key("url")), busy_timeout=busy)
 
 
 def parse_store_url(url: str, base_dir: Path, path: str = "store.url") -> StoreConfig:
@@ -306,6 +348,8 @@ def parse_store_url(url: str, base_dir: Path, path: str = "store.url") -> StoreC
         rest = url[len("sqlite:///"):]
         if not rest or rest == "/":
             raise ConfigError(path, "names no database file")
+        if "\0" in rest:
+            raise ConfigError(path, "the database path contains a NUL character")
         file = Path(rest) if rest.startswith("/") else (base_dir / rest)
         return StoreConfig(url=url, kind="sqlite", path=file.resolve())
     if url.startswith(("postgresql://", "postgres://")):
@@ -484,6 +528,8 @@ def parse_config(text: str, source: Path, env: Mapping[str, str],
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError("", f"{source}: not valid YAML{where}") from None
+    except RecursionError:
+        raise ConfigError("", f"{source}: nested more than {MAX_DEPTH} levels deep") from None
     if data is None:
         data = {}
     data = _interpolate_tree(data, env, "")
@@ -502,6 +548,8 @@ def parse_config(text: str, source: Path, env: Mapping[str, str],
                           "create one with `gateway keygen`")
     key_file = None
     if key_file_s:
+        if "\0" in key_file_s:
+            raise ConfigError("encryption_key_file", "contains a NUL character")
         p = Path(key_file_s)
         key_file = p if p.is_absolute() else (base_dir / p)
     log_format = root.str("log_format", "json") or "json"
@@ -512,7 +560,62 @@ def parse_config(text: str, source: Path, env: Mapping[str, str],
     for name in list(provs.data):
         providers[name] = _provider(name, provs.section(name), presets)
     provs.done()
+    admin, metrics, rate_limit, retention = _operations(root)
     root.done()
     return Config(source=source.resolve(), server=server, store=store, consent=consent,
                   providers=providers, encryption_key=key, encryption_key_file=key_file,
-                  encryption_keys_old=old_keys, log_format=log_format)
+                  encryption_keys_old=old_keys, log_format=log_format, admin=admin,
+                  metrics=metrics, rate_limit=rate_limit, audit_retention_days=retention)
+
+
+# --------------------------------------------------------------------------- operations
+# (docs/operations.md: the admin API, metrics labels, per-identity rate limits, audit)
+
+MIN_ADMIN_KEY = 24
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    key: str | None = field(default=None, repr=False)  # None: no admin API
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    identity_labels: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    requests_per_second: float
+    burst: int
+
+
+def _operations(root: _Section) -> tuple[AdminConfig, MetricsConfig, RateLimitConfig | None,
+                                         float]:
+    """``admin``, ``metrics``, ``rate_limit`` and ``audit_retention_days``."""
+    import math
+
+    adm = root.section("admin")
+    admin_key = adm.str("key")
+    if admin_key is not None and len(admin_key) < MIN_ADMIN_KEY:
+        raise ConfigError(adm.key("key"), f"must be at least {MIN_ADMIN_KEY} characters "
+                          "(generate one with `gateway keygen`)")
+    adm.done()
+    met = root.section("metrics")
+    metrics = MetricsConfig(identity_labels=met.bool("identity_labels", False))
+    met.done()
+    rate_limit = None
+    if root.has("rate_limit"):
+        rl = root.section("rate_limit")
+        if not rl.has("requests_per_second"):
+            raise ConfigError(rl.key("requests_per_second"), "is required")
+        rps = rl.number("requests_per_second", 1.0, minimum=0.001)
+        if not math.isfinite(rps):
+            raise ConfigError(rl.key("requests_per_second"), "must be a finite number")
+        burst = rl.number("burst", max(1, math.ceil(rps)), minimum=1, integer=True)
+        rl.done()
+        rate_limit = RateLimitConfig(requests_per_second=rps, burst=burst)
+    else:
+        root.raw("rate_limit")  # an explicit null: no limit
+    retention = root.number("audit_retention_days", 90.0, minimum=0)
+    return AdminConfig(key=admin_key), metrics, rate_limit, retention

@@ -106,7 +106,14 @@ class TokenEndpointUnavailable(_RetryAfter):
 
 
 class StoreUnavailable(_RetryAfter):
+    """``message`` names the database and the cause, for the log and the CLI; a client gets
+    :data:`PUBLIC` instead (a file path or a database address is none of its business)."""
+
     status, code = 503, "store_unavailable"
+    PUBLIC: ClassVar[str] = "The gateway's database is unavailable; try again shortly."
+
+    def body(self) -> dict[str, Any]:
+        return {**super().body(), "message": self.PUBLIC}
 
 
 class UpstreamTimeout(GatewayError):

@@ -33,6 +33,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except GatewayError as err:
+        if err.body().get("message") != err.message:  # the detail is for operators only
+            log.warning("%s on %s %s: %s", err.code, request.method, request.rel_url.path,
+                        err.message)
         return error_response(err)
     except web.HTTPException:
         raise

@@ -30,6 +30,7 @@ either way the upstream response is closed, which closes its connection.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
@@ -59,6 +60,8 @@ log = logging.getLogger("gateway.proxy")
 __all__ = ["ProviderNotConfigured", "ProxyHandler", "make_client_session", "refuse_connect"]
 
 Authenticate = Callable[[web.Request], Awaitable[Identity]]
+RequestId = Callable[[web.Request], str | None]
+OnUpstream = Callable[[web.Request, str, int, float], None]
 
 # Headers the client library would otherwise invent; a transparent proxy sends only what the
 # client sent (an invented Accept-Encoding would even make upstreams compress unasked).
@@ -142,12 +145,17 @@ class ProxyHandler:
 
     def __init__(self, providers: Mapping[str, ProviderConfig], server: ServerConfig,
                  session: aiohttp.ClientSession, tokens: TokenSource,
-                 authenticate: Authenticate) -> None:
+                 authenticate: Authenticate, *, request_id: RequestId | None = None,
+                 on_upstream: OnUpstream | None = None) -> None:
+        """``request_id`` gives the id sent upstream as ``X-Request-Id``; ``on_upstream``
+        hears (request, provider, status, seconds to the response headers) per attempt."""
         self._providers = providers
         self._server = server
         self._session = session
         self._tokens = tokens
         self._authenticate = authenticate
+        self._request_id = request_id
+        self._on_upstream = on_upstream
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if request.method == hdrs.METH_CONNECT:
@@ -239,20 +247,29 @@ class ProxyHandler:
         if self._server.forwarded_headers:
             fwd = Forwarded(client=request.remote, proto=request.scheme,
                             host=request.headers.get(hdrs.HOST))
-        return request_headers(request.headers,
-                               authorization=authorization_value(lease.token_type,
-                                                                 lease.access_token),
-                               forwarded=fwd, websocket=websocket)
+        out = request_headers(request.headers,
+                              authorization=authorization_value(lease.token_type,
+                                                                lease.access_token),
+                              forwarded=fwd, websocket=websocket)
+        rid = self._request_id(request) if self._request_id is not None else None
+        if rid:
+            out["X-Request-Id"] = rid
+        return out
 
     async def _send(self, request: web.Request, route: _Route, lease: Lease,
                     data: bytes | AsyncIterator[bytes] | None,
                     upload: _Upload | None) -> aiohttp.ClientResponse:
         url = upstream_url(self._base(route, lease), route.target)
         try:
-            return await self._session.request(
+            started = time.perf_counter()
+            up = await self._session.request(
                 request.method, url, headers=self._headers(request, lease), data=data,
                 allow_redirects=False, auto_decompress=False,
                 skip_auto_headers=_NO_AUTO_HEADERS)
+            if self._on_upstream is not None:
+                self._on_upstream(request, route.provider.name, up.status,
+                                  time.perf_counter() - started)
+            return up
         except GatewayError:
             raise
         except (aiohttp.ClientError, TimeoutError) as e:

@@ -17,7 +17,7 @@ def create_store(cfg: StoreConfig, box: SecretBox) -> Store:
             raise ConfigError("store.url", "names no database file")
         from gateway.store.sqlite import SqliteStore
 
-        return SqliteStore(cfg.path, box)
+        return SqliteStore(cfg.path, box, busy_timeout=cfg.busy_timeout)
     if cfg.kind == "postgresql":
         from gateway.store.postgres import PostgresStore
 

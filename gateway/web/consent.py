@@ -182,7 +182,10 @@ class ConsentFlow:
                 raise TooManyRequests("Too many unfinished connection attempts; "
                                       "try again in a few minutes.", retry_after=60)
         except GatewayError as e:
-            return message(request, "Cannot connect", e.message, status=e.status, code=e.code)
+            resp = message(request, "Cannot connect", e.message, status=e.status, code=e.code)
+            if isinstance(e, TooManyRequests):  # RFC 6585 §4
+                resp.headers["Retry-After"] = str(e.retry_after)
+            return resp
         state = protocol.new_state()
         verifier, challenge = protocol.new_pkce() if provider.pkce else (None, None)
         nonce = protocol.new_nonce() if "openid" in provider.scopes else None
