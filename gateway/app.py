@@ -45,7 +45,7 @@ from gateway.tokens.source import Lease, TokenSource
 from gateway.web import pages
 from gateway.web.consent import ConsentFlow
 from gateway.web.console import Console
-from gateway.web.sessions import SESSION_KEY, BrowserSessions
+from gateway.web.sessions import SESSION_KEY, BrowserSessions, TrustedHeader
 
 log = logging.getLogger("gateway")
 
@@ -259,10 +259,13 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
                           on_cache=metrics.cache_lookup)
     identities = IdentityService(store, box, clock, mac_key=await api_key_mac(store, box))
     sessions = BrowserSessions(store, secure=config.server.public_url.scheme == "https",
-                               clock=clock)
+                               clock=clock, trusted=TrustedHeader.from_config(config))
     consent = ConsentFlow(
         config, store, oauth, sessions,
-        link_key=derive(box.root_key, "connect-link"), flow_key=derive(box.root_key, "flow-cookie"),
+        # Pinned in the store like the key-hash secret: links and flow cookies stay valid
+        # across an encryption-key rotation and between instances mid-rollout.
+        link_key=await store.server_secret("connect-link", derive(box.root_key, "connect-link")),
+        flow_key=await store.server_secret("flow-cookie", derive(box.root_key, "flow-cookie")),
         providers=lambda: registry,
         on_connected=lambda identity_id, name: tokens.invalidate(identity_id, name),
         verify_id_token=_id_token_verifier(IdTokenVerifier(http), clock),

@@ -29,7 +29,7 @@ from gateway.config import Config, StoreConfig, load_config
 from gateway.errors import BadRequest, ConfigError, GatewayError
 from gateway.identities import IdentityService, validate_name, validate_password
 from gateway.store.base import Store
-from gateway.tokens.crypto import decode_key, generate_key
+from gateway.tokens.crypto import SecretBox, decode_key, generate_key
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -112,13 +112,19 @@ async def open_store(cfg: Config) -> AsyncIterator[tuple[Store, Any]]:
         await store.close()
 
 
+async def _api_key_mac(store: Store, box: SecretBox) -> bytes:
+    from gateway.keyrotation import api_key_mac
+
+    return await api_key_mac(store, box)
+
+
 def _run_with_identities(args: argparse.Namespace,
                          body: Callable[[IdentityService, Store], Any]) -> int:
     cfg = _load(args)
 
     async def go() -> int:
         async with open_store(cfg) as (store, box):
-            service = IdentityService(store, box)
+            service = IdentityService(store, box, mac_key=await _api_key_mac(store, box))
             result: int | None = await body(service, store)
             return EXIT_OK if result is None else result
 
@@ -293,7 +299,7 @@ def cmd_identity_passwd(args: argparse.Namespace) -> int:
 
     async def go() -> int:
         async with open_store(cfg) as (store, box):
-            service = IdentityService(store, box)
+            service = IdentityService(store, box, mac_key=await _api_key_mac(store, box))
             if await service.get_identity(name) is None:
                 raise BadRequest(f"identity '{name}' does not exist")
             await service.set_password(name, _read_password(args, name))

@@ -145,6 +145,38 @@ class Config:
     metrics: MetricsConfig = field(default_factory=lambda: MetricsConfig())
     rate_limit: RateLimitConfig | None = None
     audit_retention_days: float = 90.0  # 0: keep audit events forever
+    auth: AuthConfig = field(default_factory=lambda: AuthConfig())
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """Web login behind an SSO proxy: ``trusted_header`` names the identity, and is honoured
+    only on connections from ``trusted_proxies`` (CIDRs)."""
+
+    trusted_header: str | None = None
+    trusted_proxies: tuple[str, ...] = ()
+
+
+def _auth(s: _Section) -> AuthConfig:
+    import ipaddress
+
+    header = s.str("trusted_header")
+    proxies = s.str_list("trusted_proxies")
+    for i, cidr in enumerate(proxies):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ConfigError(f"{s.key('trusted_proxies')}[{i}]", "not an IP network") from None
+    if header is not None:
+        if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", header):
+            raise ConfigError(s.key("trusted_header"), "not a valid header name")
+        if header.lower() in ("authorization", "cookie", "proxy-authorization", "host"):
+            raise ConfigError(s.key("trusted_header"), "cannot be a standard header")
+        if not proxies:
+            raise ConfigError(s.key("trusted_proxies"),
+                              "is required with trusted_header (the proxies allowed to set it)")
+    s.done()
+    return AuthConfig(trusted_header=header, trusted_proxies=proxies)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -304,7 +336,10 @@ def parse_http_url(value: str, path: str) -> URL:
 def _server(s: _Section) -> ServerConfig:
     host = s.str("host", "127.0.0.1") or "127.0.0.1"
     port = s.number("port", 8080, minimum=0, maximum=65535, integer=True)
-    public = s.url("public_url") or URL(f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}")
+    public = s.url("public_url")
+    if public is None:
+        loopback = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104
+        public = parse_http_url(f"http://{loopback}:{port}", s.key("host"))
     if public.query_string:
         raise ConfigError(s.key("public_url"), "must not contain a query")
     cfg = ServerConfig(
@@ -561,11 +596,13 @@ def parse_config(text: str, source: Path, env: Mapping[str, str],
         providers[name] = _provider(name, provs.section(name), presets)
     provs.done()
     admin, metrics, rate_limit, retention = _operations(root)
+    auth = _auth(root.section("auth"))
     root.done()
     return Config(source=source.resolve(), server=server, store=store, consent=consent,
                   providers=providers, encryption_key=key, encryption_key_file=key_file,
                   encryption_keys_old=old_keys, log_format=log_format, admin=admin,
-                  metrics=metrics, rate_limit=rate_limit, audit_retention_days=retention)
+                  metrics=metrics, rate_limit=rate_limit, audit_retention_days=retention,
+                  auth=auth)
 
 
 # --------------------------------------------------------------------------- operations

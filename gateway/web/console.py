@@ -240,8 +240,9 @@ class Console:
         name = request.match_info["provider"]
         outcome = await revoke_connection(self._store, self._oauth, self._providers().get(name),
                                           current.identity.id, name)
-        self._on_disconnected(current.identity.id, name)
-        if not outcome.existed:
+        if outcome.existed:
+            self._on_disconnected(current.identity.id, name)
+        else:
             return await self.dashboard(request, problem=f"{name} was not connected.")
         return await self.dashboard(request, note=f"{name} disconnected: {outcome.note}.")
 
