@@ -391,13 +391,12 @@ async def reload_config(app: web.Application) -> bool:
                  config.source, len(providers), ", ".join(added) or "-",
                  ", ".join(removed) or "-", ", ".join(changed) or "-")
         # (host, port and public URL may have been overridden on the command line)
-        listen = {"host": config.server.host, "port": config.server.port,
-                  "public_url": config.server.public_url}
         stale = [f for f in ("store", "consent", "encryption_key", "encryption_key_file",
                              "log_format", "admin", "metrics", "rate_limit",
                              "audit_retention_days")
                  if getattr(new, f, None) != getattr(config, f, None)]
-        if replace(new.server, **listen) != config.server:
+        if replace(new.server, host=config.server.host, port=config.server.port,
+                   public_url=config.server.public_url) != config.server:
             stale.insert(0, "server")
         if stale:
             log.warning("config reload: changes to %s take effect at the next restart",

@@ -41,7 +41,7 @@ DEFAULT_REPLAY_BODY_BYTES = 64 * 1024
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
-    public_url: URL = URL("http://127.0.0.1:8080")
+    public_url: URL = URL("http://127.0.0.1:8080")  # noqa: RUF009 (URL is immutable)
     forwarded_headers: bool = True
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     replay_body_bytes: int = DEFAULT_REPLAY_BODY_BYTES
@@ -160,7 +160,7 @@ class AuthConfig:
 def _auth(s: _Section) -> AuthConfig:
     import ipaddress
 
-    header = s.str("trusted_header")
+    header = s.text("trusted_header")
     proxies = s.str_list("trusted_proxies")
     for i, cidr in enumerate(proxies):
         try:
@@ -241,7 +241,7 @@ class _Section:
     def has(self, name: str) -> bool:
         return self.data.get(name) is not None
 
-    def str(self, name: str, default: str | None = None, *, required: bool = False) -> str | None:
+    def text(self, name: str, default: str | None = None, *, required: bool = False) -> str | None:
         v = self.raw(name)
         if v is None or v == "":
             if required:
@@ -251,7 +251,7 @@ class _Section:
             raise ConfigError(self.key(name), "must be a string")
         return str(v)
 
-    def bool(self, name: str, default: bool) -> bool:
+    def flag(self, name: str, default: bool) -> bool:
         v = self.raw(name)
         if v is None:
             return default
@@ -283,7 +283,7 @@ class _Section:
         return n
 
     def url(self, name: str, *, required: bool = False) -> URL | None:
-        s = self.str(name, required=required)
+        s = self.text(name, required=required)
         return None if s is None else parse_http_url(s, self.key(name))
 
     def str_list(self, name: str) -> tuple[str, ...]:
@@ -334,7 +334,7 @@ def parse_http_url(value: str, path: str) -> URL:
 
 
 def _server(s: _Section) -> ServerConfig:
-    host = s.str("host", "127.0.0.1") or "127.0.0.1"
+    host = s.text("host", "127.0.0.1") or "127.0.0.1"
     port = s.number("port", 8080, minimum=0, maximum=65535, integer=True)
     public = s.url("public_url")
     if public is None:
@@ -346,7 +346,7 @@ def _server(s: _Section) -> ServerConfig:
         host=host,
         port=port,
         public_url=public,
-        forwarded_headers=s.bool("forwarded_headers", True),
+        forwarded_headers=s.flag("forwarded_headers", True),
         # (literal defaults: on a slotted dataclass, ``ServerConfig.x`` is a descriptor)
         max_body_bytes=s.number("max_body_bytes", DEFAULT_MAX_BODY_BYTES, integer=True),
         replay_body_bytes=s.number("replay_body_bytes", DEFAULT_REPLAY_BODY_BYTES,
@@ -371,7 +371,7 @@ def _server(s: _Section) -> ServerConfig:
 
 
 def _store(s: _Section, base_dir: Path) -> StoreConfig:
-    url = s.str("url", "sqlite:///gateway.db") or "sqlite:///gateway.db"
+    url = s.text("url", "sqlite:///gateway.db") or "sqlite:///gateway.db"
     busy = s.number("busy_timeout", 5.0, minimum=0, maximum=600)
     s.done()
     return replace(parse_store_url(url, base_dir, s.key("url")), busy_timeout=busy)
@@ -398,7 +398,7 @@ def _consent(s: _Section) -> ConsentConfig:
         u = parse_http_url(o, f"{s.key('return_to_origins')}[{i}]")
         origins.append(str(u.origin()))
     cfg = ConsentConfig(
-        require_login=s.bool("require_login", True),
+        require_login=s.flag("require_login", True),
         link_ttl=s.number("link_ttl", 600.0, minimum=1, maximum=600),
         pending_ttl=s.number("pending_ttl", 600.0, minimum=1, maximum=600),
         return_to_origins=tuple(origins),
@@ -424,7 +424,7 @@ def _provider(name: str, s: _Section, presets: PresetLoader) -> ProviderConfig:
 
     if not _PROVIDER_NAME.match(name) or name.startswith("_"):
         raise ConfigError(s.path, "provider names use a-z, 0-9, '-' and '_' (max 63)")
-    preset_name = s.str("preset")
+    preset_name = s.text("preset")
     given_vars = s.str_map("vars")
     filled = catalog.FilledPreset()
     if preset_name is not None:
@@ -465,10 +465,10 @@ def _provider(name: str, s: _Section, presets: PresetLoader) -> ProviderConfig:
     for up_name, up_url in merged("upstreams").items():
         upstreams[up_name] = catalog.parse_upstream(up_name, up_url,
                                                     s.key(f"upstreams.{up_name}"))
-    client_auth = src("client_auth").str("client_auth", "client_secret_basic") or ""
+    client_auth = src("client_auth").text("client_auth", "client_secret_basic") or ""
     if client_auth not in CLIENT_AUTH_METHODS:
         raise ConfigError(s.key("client_auth"), f"must be one of {', '.join(CLIENT_AUTH_METHODS)}")
-    grant = src("grant").str("grant", "authorization_code") or ""
+    grant = src("grant").text("grant", "authorization_code") or ""
     if grant not in GRANTS:
         raise ConfigError(s.key("grant"), f"must be one of {', '.join(GRANTS)}")
     scopes = list(src("scopes").str_list("scopes"))
@@ -485,13 +485,13 @@ def _provider(name: str, s: _Section, presets: PresetLoader) -> ProviderConfig:
         token_url=src("token_url").url("token_url"),
         revocation_url=src("revocation_url").url("revocation_url"),
         jwks_url=src("jwks_url").url("jwks_url"),
-        client_id=s.str("client_id", "") or "",
-        client_secret=s.str("client_secret", "") or "",
+        client_id=s.text("client_id", "") or "",
+        client_secret=s.text("client_secret", "") or "",
         client_auth=client_auth,
         grant=grant,
         scopes=tuple(scopes),
-        scope_separator=src("scope_separator").str("scope_separator", " ") or " ",
-        pkce=src("pkce").bool("pkce", True),
+        scope_separator=src("scope_separator").text("scope_separator", " ") or " ",
+        pkce=src("pkce").flag("pkce", True),
         authorize_params=merged("authorize_params"),
         token_params=merged("token_params"),
         vars=filled.vars,
@@ -573,8 +573,8 @@ def parse_config(text: str, source: Path, env: Mapping[str, str],
     server = _server(root.section("server"))
     store = _store(root.section("store"), base_dir)
     consent = _consent(root.section("consent"))
-    key = root.str("encryption_key")
-    key_file_s = root.str("encryption_key_file")
+    key = root.text("encryption_key")
+    key_file_s = root.text("encryption_key_file")
     old_keys = root.str_list("encryption_keys_old")
     if key and key_file_s:
         raise ConfigError("encryption_key_file", "set either encryption_key or encryption_key_file, not both")
@@ -587,7 +587,7 @@ def parse_config(text: str, source: Path, env: Mapping[str, str],
             raise ConfigError("encryption_key_file", "contains a NUL character")
         p = Path(key_file_s)
         key_file = p if p.is_absolute() else (base_dir / p)
-    log_format = root.str("log_format", "json") or "json"
+    log_format = root.text("log_format", "json") or "json"
     if log_format not in ("json", "logfmt"):
         raise ConfigError("log_format", "must be json or logfmt")
     provs = root.section("providers")
@@ -633,13 +633,13 @@ def _operations(root: _Section) -> tuple[AdminConfig, MetricsConfig, RateLimitCo
     import math
 
     adm = root.section("admin")
-    admin_key = adm.str("key")
+    admin_key = adm.text("key")
     if admin_key is not None and len(admin_key) < MIN_ADMIN_KEY:
         raise ConfigError(adm.key("key"), f"must be at least {MIN_ADMIN_KEY} characters "
                           "(generate one with `gateway keygen`)")
     adm.done()
     met = root.section("metrics")
-    metrics = MetricsConfig(identity_labels=met.bool("identity_labels", False))
+    metrics = MetricsConfig(identity_labels=met.flag("identity_labels", False))
     met.done()
     rate_limit = None
     if root.has("rate_limit"):

@@ -116,11 +116,11 @@ def read_quirks(src: Callable[[str], _Section]) -> dict[str, Any]:
     for q in QUIRKS:
         sec = src(q.key)
         if isinstance(q.default, bool):
-            out[q.key] = sec.bool(q.key, q.default)
+            out[q.key] = sec.flag(q.key, q.default)
         elif q.key == "token_response_path":
             out[q.key] = _dotted_path(sec.raw(q.key), sec.key(q.key))
         else:
-            value = sec.str(q.key, q.default)
+            value = sec.text(q.key, q.default)
             if value is None:
                 out[q.key] = None
             elif q.choices and value not in q.choices:

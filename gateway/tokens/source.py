@@ -15,7 +15,7 @@ class Lease:
     """An access token the proxy may use now, with the connection version it came from."""
 
     access_token: str = field(repr=False)
-    token_type: str = "Bearer"
+    token_type: str = "Bearer"  # noqa: S105 (a scheme name)
     version: int = 0
     upstream: URL | None = None  # set when the token response chose the API base (instance_url)
 
