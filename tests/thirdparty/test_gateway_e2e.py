@@ -18,7 +18,7 @@ from gateway.config import load_config
 from gateway.connections import revoke_connection
 from gateway.oauth.protocol import OAuthError
 from tests.integration.conftest import Clock
-from tests.thirdparty.oidc import SPECIAL_SECRET, OidcClient, browser_session, authorize_in_browser
+from tests.thirdparty.oidc import SPECIAL_SECRET, OidcClient, authorize_in_browser, browser_session
 
 pytestmark = pytest.mark.thirdparty
 PW = "a long enough password"
