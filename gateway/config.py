@@ -95,6 +95,8 @@ class ProviderConfig:
     client_secret: str = field(default="", repr=False)
     client_auth: str = "client_secret_basic"
     grant: str = "authorization_code"
+    # client_credentials only: the identities that may use the gateway's token (None: all).
+    identities: tuple[str, ...] | None = None
     scopes: tuple[str, ...] = ()
     scope_separator: str = " "
     pkce: bool = True
@@ -471,6 +473,7 @@ def _provider(name: str, s: _Section, presets: PresetLoader) -> ProviderConfig:
     grant = src("grant").text("grant", "authorization_code") or ""
     if grant not in GRANTS:
         raise ConfigError(s.key("grant"), f"must be one of {', '.join(GRANTS)}")
+    identities = _identities(s, grant)
     scopes = list(src("scopes").str_list("scopes"))
     # Scopes the provider needs for the gateway to work (e.g. offline_access for a refresh
     # token) are added to whatever scopes are configured; `required_scopes: []` opts out.
@@ -489,6 +492,7 @@ def _provider(name: str, s: _Section, presets: PresetLoader) -> ProviderConfig:
         client_secret=s.text("client_secret", "") or "",
         client_auth=client_auth,
         grant=grant,
+        identities=identities,
         scopes=tuple(scopes),
         scope_separator=src("scope_separator").text("scope_separator", " ") or " ",
         pkce=src("pkce").flag("pkce", True),
@@ -499,6 +503,28 @@ def _provider(name: str, s: _Section, presets: PresetLoader) -> ProviderConfig:
     )
     s.done()
     return with_problems(replace(cfg, missing_vars=tuple(sorted(missing)), sources=sources))
+
+
+def _identities(s: _Section, grant: str) -> tuple[str, ...] | None:
+    """``identities``: who may use a client_credentials provider's token (absent: everyone).
+
+    Only for that grant: an authorization_code connection already belongs to the identity
+    that consented, so a list there would restrict nothing."""
+    if not s.has("identities"):
+        s.raw("identities")
+        return None
+    if grant != "client_credentials":
+        raise ConfigError(s.key("identities"), "only applies to grant: client_credentials")
+    from gateway.identities import NAME_PATTERN
+
+    names = s.str_list("identities")
+    if not names:
+        raise ConfigError(s.key("identities"), "must name at least one identity (leave it "
+                          "out to let every identity use the provider)")
+    for i, name in enumerate(names):
+        if not NAME_PATTERN.fullmatch(name):
+            raise ConfigError(f"{s.key('identities')}[{i}]", f"{name!r} is not an identity name")
+    return tuple(dict.fromkeys(names))
 
 
 def with_problems(cfg: ProviderConfig) -> ProviderConfig:

@@ -126,6 +126,8 @@ class ConfigError(GatewayError):
     code = "config_error"
 
     def __init__(self, path: str, problem: str) -> None:
+        # A key can be any YAML string: escape what would break the one-line message.
+        path = "".join(c if c.isprintable() else repr(c)[1:-1] for c in path)
         super().__init__(f"{path}: {problem}" if path else problem)
         self.path = path
         self.problem = problem

@@ -20,6 +20,7 @@ import aiohttp
 from gateway.config import ProviderConfig
 from gateway.oauth.protocol import (
     OAuthError,
+    ResponseQuirks,
     TokenGrant,
     TokenRequest,
     client_credentials_request,
@@ -79,10 +80,14 @@ class OAuthClient:
 
     async def revoke(self, provider: ProviderConfig, token: str,
                      token_type_hint: str | None) -> OAuthError | None:
-        """Revoke a token (RFC 7009); ``None`` on success."""
+        """Revoke a token (RFC 7009, or the provider's ``revocation_method``); ``None`` on
+        success, and when the method has nothing to send for this token (a refresh token, for
+        methods that revoke the grant through its access token)."""
         if provider.revocation_url is None:
             return OAuthError("unsupported", "provider has no revocation endpoint")
         req = revocation_request(provider, token, token_type_hint)
+        if req is None:
+            return None
         answer = await self._post(req)
         if isinstance(answer, OAuthError):
             return answer
@@ -102,7 +107,8 @@ class OAuthClient:
         else:
             result = parse_token_response(answer.status, answer.content_type, answer.body,
                                           requested_scopes=requested, now=now,
-                                          retry_after=answer.retry_after)
+                                          retry_after=answer.retry_after,
+                                          quirks=ResponseQuirks.of(provider))
         if isinstance(result, OAuthError):
             result = result.redacted(req.secret_values())
             log.info("token request to provider %s failed: %s", provider.name, result)

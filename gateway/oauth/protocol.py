@@ -7,6 +7,12 @@ endpoint answer, errors as values (:class:`OAuthError`) rather than exceptions, 
 token manager decides what an error means (``invalid_grant`` is final; an unreachable
 endpoint is not).
 
+Provider quirks (:data:`gateway.oauth.catalog.QUIRKS`) are applied here and only here, as
+data read from the :class:`~gateway.config.ProviderConfig`: the scope parameter's name, JSON
+request bodies, the revocation method (request side) and the response format, a nested token
+object, an absolute expiry and never-expiring tokens (:class:`ResponseQuirks`, response
+side). Every default is the RFC behaviour, so a provider without quirks is plain RFC 6749.
+
 Secrets (client secret, code, verifier, tokens) go into :class:`TokenRequest` values and
 nowhere else: an :class:`OAuthError` never carries request data, and the provider's own
 description is clipped and can be scrubbed of known secrets with :meth:`OAuthError.redacted`.
@@ -22,6 +28,7 @@ import re
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import parse_qsl, quote, quote_plus, urlencode
@@ -31,6 +38,14 @@ from gateway.errors import ConfigError
 from gateway.store.base import TokenFields
 
 FORM = "application/x-www-form-urlencoded"
+JSON = "application/json"
+# RFC 6749 §5.1 lets a server omit expires_in and document a default lifetime instead; one
+# hour is the commonest. Only a token that came with a refresh token gets it (see _expiry).
+ASSUMED_LIFETIME = 3600.0
+# Token types that are not bearer tokens (RFC 6749 §7.1 "mac", RFC 9449 DPoP, RFC 8693 N_A):
+# sending one as a bearer token would not work, so they are refused even where token_type
+# is otherwise read loosely (see ResponseQuirks).
+_NOT_BEARER = frozenset({"mac", "dpop", "pop", "n_a"})
 _DESCRIPTION_MAX = 200
 _EXTRA_MAX_FIELDS = 32
 _EXTRA_MAX_LEN = 4096
@@ -106,14 +121,15 @@ def authorize_url(provider: ProviderConfig, *, redirect_uri: str, state: str,
         ("client_id", provider.client_id),
         ("redirect_uri", redirect_uri),
     ]
-    if provider.scopes:
-        params.append(("scope", provider.scope_separator.join(provider.scopes)))
+    if provider.scopes:  # RFC 6749 §3.3; Slack's user scopes go in `user_scope` (scope_param)
+        params.append((provider.scope_param, provider.scope_separator.join(provider.scopes)))
     params.append(("state", state))
     if code_challenge is not None and provider.pkce:
         params += [("code_challenge", code_challenge), ("code_challenge_method", "S256")]
     if nonce is not None:
         params.append(("nonce", nonce))
-    params += [(k, v) for k, v in provider.authorize_params.items() if k not in _AUTHORIZE_OWNED]
+    owned = _AUTHORIZE_OWNED | {provider.scope_param}
+    params += [(k, v) for k, v in provider.authorize_params.items() if k not in owned]
     return _with_query(_endpoint(provider, "authorize_url"), params)
 
 
@@ -122,14 +138,24 @@ def authorize_url(provider: ProviderConfig, *, redirect_uri: str, state: str,
 
 @dataclass(frozen=True, slots=True)
 class TokenRequest:
-    """A POST to a token or revocation endpoint, as data (its repr hides the secrets)."""
+    """A POST to a token or revocation endpoint, as data (its repr hides the secrets).
+
+    ``encoding`` is how ``form`` becomes the body: ``form`` (RFC 6749 Appendix B), ``json``
+    (the ``token_request_format: json`` quirk) or ``none`` (no body at all: bearer-style
+    revocation, where the token travels in the Authorization header).
+    """
 
     url: str
     headers: Mapping[str, str] = field(repr=False)
     form: Mapping[str, str] = field(repr=False)
+    encoding: str = "form"
 
-    def body(self) -> bytes:
-        """The ``application/x-www-form-urlencoded`` body (RFC 6749 Appendix B)."""
+    def body(self) -> bytes | None:
+        """The request body, or ``None`` when the request has none."""
+        if self.encoding == "none":
+            return None
+        if self.encoding == "json":
+            return json.dumps(dict(self.form), separators=(",", ":")).encode("utf-8")
         return urlencode(list(self.form.items())).encode("ascii")
 
     def secret_values(self) -> tuple[str, ...]:
@@ -153,8 +179,10 @@ def basic_credentials(client_id: str, client_secret: str) -> str:
 
 def _token_request(provider: ProviderConfig, url: str, form: dict[str, str],
                    *, extra: Mapping[str, str]) -> TokenRequest:
-    """Add client authentication (RFC 6749 §2.3) and common headers to ``form``."""
-    headers = {"Accept": "application/json", "Content-Type": FORM}
+    """Add client authentication (RFC 6749 §2.3) and common headers to ``form``, to be sent
+    in the provider's ``token_request_format``."""
+    encoding = provider.token_request_format
+    headers = {"Accept": JSON, "Content-Type": JSON if encoding == "json" else FORM}
     for k, v in extra.items():
         if k not in _TOKEN_OWNED:
             form[k] = v
@@ -168,7 +196,7 @@ def _token_request(provider: ProviderConfig, url: str, form: dict[str, str],
     else:
         raise ConfigError(f"providers.{provider.name}.client_auth",
                           f"unsupported method {provider.client_auth!r}")
-    return TokenRequest(url=url, headers=headers, form=form)
+    return TokenRequest(url=url, headers=headers, form=form, encoding=encoding)
 
 
 def code_request(provider: ProviderConfig, code: str, redirect_uri: str,
@@ -205,16 +233,39 @@ def client_credentials_request(provider: ProviderConfig) -> TokenRequest:
 
 
 def revocation_request(provider: ProviderConfig, token: str,
-                       token_type_hint: str | None = None) -> TokenRequest:
-    """Token revocation (RFC 7009 §2.1), authenticated like a token request.
+                       token_type_hint: str | None = None) -> TokenRequest | None:
+    """Token revocation as the provider's ``revocation_method`` says.
 
-    ``token_params`` are not added: they belong to token requests, and a revocation
-    endpoint may reject parameters it does not know.
+    * ``rfc7009``: POST ``token`` (and ``token_type_hint``), authenticated like a token
+      request (RFC 7009 §2.1). ``token_params`` are not added: they belong to token
+      requests, and a revocation endpoint may reject parameters it does not know.
+    * ``bearer``: POST with the access token as Bearer credentials (RFC 6750 §2.1) and no
+      body (Dropbox ``auth/token/revoke``, Slack ``auth.revoke``).
+    * ``access_token_param``: POST ``access_token=...`` (Strava ``deauthorize``).
+
+    The last two revoke the whole grant through an access token and take no client
+    authentication; a refresh token cannot be revoked that way, so for
+    ``token_type_hint="refresh_token"`` the answer is ``None``: nothing to send.
     """
-    form = {"token": token}
-    if token_type_hint is not None:
-        form["token_type_hint"] = token_type_hint
-    return _token_request(provider, _endpoint(provider, "revocation_url"), form, extra={})
+    url = _endpoint(provider, "revocation_url")
+    method = provider.revocation_method
+    if method == "rfc7009":
+        form = {"token": token}
+        if token_type_hint is not None:
+            form["token_type_hint"] = token_type_hint
+        return _token_request(provider, url, form, extra={})
+    if method not in ("bearer", "access_token_param"):
+        raise ConfigError(f"providers.{provider.name}.revocation_method",
+                          f"unsupported method {method!r}")
+    if token_type_hint == "refresh_token":  # noqa: S105 (a hint name, not a secret)
+        return None
+    if method == "bearer":
+        return TokenRequest(url=url, headers={"Accept": JSON, "Authorization": f"Bearer {token}"},
+                            form={}, encoding="none")
+    encoding = provider.token_request_format
+    headers = {"Accept": JSON, "Content-Type": JSON if encoding == "json" else FORM}
+    return TokenRequest(url=url, headers=headers, form={"access_token": token},
+                        encoding=encoding)
 
 
 # --------------------------------------------------------------------------- responses
@@ -270,11 +321,54 @@ def _clip(text: Any, limit: int = _DESCRIPTION_MAX) -> str | None:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _decode_body(content_type: str | None, body: bytes) -> dict[str, Any] | None:
+@dataclass(frozen=True, slots=True)
+class ResponseQuirks:
+    """How one provider's token responses depart from RFC 6749 §5.1; the defaults do not.
+
+    Built from a provider by :meth:`of` (the meaning of each option is documented with
+    :data:`gateway.oauth.catalog.QUIRKS`):
+
+    * ``format``: ``json`` and ``auto`` read the body by its Content-Type (JSON, or a body
+      labelled form-encoded or plain text); ``form`` reads a form-encoded body whatever its
+      Content-Type claims.
+    * ``path``: the token members sit in this nested object (Slack: ``authed_user``); when
+      the response has no such object (Slack's refresh answers) the top level is read. Such
+      providers use ``token_type`` for the kind of principal (``user``, ``bot``), not an
+      RFC 6750 scheme, so there any type but a known proof-of-possession one means Bearer.
+    * ``expires_absolute_field``: the member holding the absolute expiry (Unix seconds or an
+      ISO-8601 time; no offset means UTC), preferred over ``expires_in``.
+    * ``never_expires``: without ``expires_in`` the token is used until the upstream answers
+      401. Otherwise a token that came with a refresh token is assumed to live
+      :data:`ASSUMED_LIFETIME`, so it is refreshed in time like any other; one without a
+      refresh token has nothing to be refreshed with, and its expiry stays unknown.
+    """
+
+    format: str = "json"
+    path: tuple[str, ...] = ()
+    expires_absolute_field: str | None = None
+    never_expires: bool = False
+
+    @classmethod
+    def of(cls, provider: ProviderConfig) -> ResponseQuirks:
+        return cls(format=provider.token_response_format, path=provider.token_response_path,
+                   expires_absolute_field=provider.expires_absolute_field,
+                   never_expires=provider.never_expires)
+
+
+STANDARD = ResponseQuirks()
+_HTML = ("text/html", "application/xhtml+xml")
+
+
+def _decode_body(content_type: str | None, body: bytes,
+                 fmt: str = "json") -> dict[str, Any] | None:
     """JSON (the RFC 6749 §5.1 format) or form-encoded (GitHub without Accept, old Facebook);
-    ``None`` for anything else (HTML error pages, empty bodies, truncated JSON)."""
+    ``None`` for anything else (HTML error pages, empty bodies, truncated JSON).
+
+    With ``fmt="form"`` a form-encoded body is read under any Content-Type, but a body that
+    is neither a token nor an error (an HTML page that happens to contain ``=``) is not."""
     mime = (content_type or "").split(";", 1)[0].strip().lower()
-    if mime in ("text/html", "application/xhtml+xml"):
+    labelled_form = mime in (FORM, "text/plain", "")
+    if mime in _HTML and fmt != "form":
         return None
     try:
         text = body.decode("utf-8")
@@ -288,12 +382,14 @@ def _decode_body(content_type: str | None, body: bytes) -> dict[str, Any] | None
         data = None
     if isinstance(data, dict):
         return data
-    if data is None and mime in (FORM, "text/plain", ""):
+    if data is None and (labelled_form or fmt == "form"):
         try:
-            pairs = parse_qsl(text.strip(), keep_blank_values=True, strict_parsing=True)
+            pairs = dict(parse_qsl(text.strip(), keep_blank_values=True, strict_parsing=True))
         except ValueError:
             return None
-        return dict(pairs) if pairs else None
+        if not labelled_form and not pairs.keys() & {"access_token", "error"}:
+            return None
+        return pairs or None
     return None
 
 
@@ -350,15 +446,66 @@ def _unusable(status: int, why: str, retry_after: float | None) -> OAuthError:
                       transient=True, retry_after=retry_after)
 
 
+def _token_object(data: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any] | None:
+    """The object holding the token members: the one at ``path`` when the response has it,
+    else the top level (Slack's refresh answers). A path that leads to something other
+    than an object is no token object at all."""
+    node: Any = data
+    for i, name in enumerate(path):
+        if not isinstance(node, dict) or name not in node or node[name] is None:
+            return data if i == 0 else None
+        node = node[name]
+    return node if isinstance(node, dict) else None
+
+
+def _is_bearer(token_type: Any, loose: bool) -> bool:
+    if not isinstance(token_type, str):
+        return False
+    kind = token_type.strip().lower()
+    return kind == "bearer" or (loose and bool(kind) and kind not in _NOT_BEARER)
+
+
+def _absolute_time(value: Any) -> float | None:
+    """Unix seconds (a number or a numeric string) or an ISO-8601 time; ``None`` if neither
+    (or not after the epoch)."""
+    when = _number(value)
+    if when is None and isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value.strip())
+        except ValueError:
+            return None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        when = moment.timestamp()
+    return when if when is not None and when > 0 else None
+
+
+def _expiry(fields: Mapping[str, Any], quirks: ResponseQuirks, now: float,
+            has_refresh: bool) -> float | None:
+    """``expires_at`` for a token issued at ``now`` (see :class:`ResponseQuirks`)."""
+    if quirks.expires_absolute_field is not None:
+        when = _absolute_time(fields.get(quirks.expires_absolute_field))
+        if when is not None:
+            return max(now, when)
+    expires_in = _number(fields.get("expires_in"))
+    if expires_in is not None:
+        return now + max(0.0, expires_in)
+    if has_refresh and not quirks.never_expires:
+        return now + ASSUMED_LIFETIME
+    return None
+
+
 def parse_token_response(status: int, content_type: str | None, body: bytes, *,
                          requested_scopes: tuple[str, ...], now: float,
-                         retry_after: str | None = None) -> TokenGrant | OAuthError:
-    """Turn a token endpoint answer into a :class:`TokenGrant` or an :class:`OAuthError`."""
+                         retry_after: str | None = None,
+                         quirks: ResponseQuirks = STANDARD) -> TokenGrant | OAuthError:
+    """Turn a token endpoint answer into a :class:`TokenGrant` or an :class:`OAuthError`,
+    reading it as the provider's ``quirks`` say (:meth:`ResponseQuirks.of`)."""
     wait = parse_retry_after(retry_after, now)
-    data = _decode_body(content_type, body)
+    data = _decode_body(content_type, body, quirks.format)
     busy = status == 429 or status >= 500
     if data is not None and isinstance(data.get("error"), str) and data["error"]:
-        # §5.2 error body; GitHub even sends it with 200.
+        # §5.2 error body; GitHub (and Slack) even send it with 200.
         return _stated_error(data, status, busy, wait)
     if busy:
         return _unusable(status, f"token endpoint answered HTTP {status}", wait)
@@ -368,25 +515,29 @@ def parse_token_response(status: int, content_type: str | None, body: bytes, *,
     if data is None:
         return _unusable(status, "token endpoint answered with an unreadable body", wait)
 
-    access = data.get("access_token")
-    if not isinstance(access, str) or not access:
-        return OAuthError("invalid_response", "token response has no access_token", status)
+    fields = _token_object(data, quirks.path)
+    access = None if fields is None else fields.get("access_token")
+    if fields is None or not isinstance(access, str) or not access:
+        where = f" (looked in {'.'.join(quirks.path)})" if fields is not data else ""
+        return OAuthError("invalid_response", f"token response has no access_token{where}",
+                          status)
     # §5.1 makes token_type REQUIRED, but some providers omit it; their tokens are bearer
     # tokens in practice, so a missing token_type is read as "Bearer" (RFC 6750).
-    token_type = data.get("token_type", "Bearer")
-    if not isinstance(token_type, str) or token_type.lower() != "bearer":
+    token_type = fields.get("token_type", "Bearer")
+    if not _is_bearer(token_type, loose=bool(quirks.path)):
         return OAuthError("unsupported_token_type",
                           f"token_type {_clip(str(token_type), 40)!r} is not Bearer", status)
-    expires_in = _number(data.get("expires_in"))
-    refresh = data.get("refresh_token")
-    extra = {k: v for k, v in data.items()
-             if k not in _KNOWN and isinstance(v, str) and len(v) <= _EXTRA_MAX_LEN}
-    id_token = data.get("id_token")
+    refresh = fields.get("refresh_token")
+    refresh = refresh if isinstance(refresh, str) and refresh else None
+    skip = _KNOWN | {quirks.expires_absolute_field}
+    extra = {k: v for k, v in fields.items()
+             if k not in skip and isinstance(v, str) and len(v) <= _EXTRA_MAX_LEN}
+    id_token = fields.get("id_token")
     tokens = TokenFields(
         access_token=access,
-        refresh_token=refresh if isinstance(refresh, str) and refresh else None,
-        expires_at=None if expires_in is None else now + max(0.0, expires_in),
-        scopes=_scopes(data.get("scope"), requested_scopes),
+        refresh_token=refresh,
+        expires_at=_expiry(fields, quirks, now, refresh is not None),
+        scopes=_scopes(fields.get("scope"), requested_scopes),
         extra=dict(list(extra.items())[:_EXTRA_MAX_FIELDS]),
     )
     return TokenGrant(tokens=tokens,
@@ -395,13 +546,16 @@ def parse_token_response(status: int, content_type: str | None, body: bytes, *,
 
 def parse_revocation_response(status: int, content_type: str | None, body: bytes, *,
                               now: float, retry_after: str | None = None) -> OAuthError | None:
-    """RFC 7009 §2.2: 200 means revoked (or unknown, which is as good); the body is ignored.
-    §2.2.1: 503 asks to retry later; other errors use the §5.2 format."""
-    if 200 <= status < 300:
+    """RFC 7009 §2.2: 200 means revoked (or unknown, which is as good), unless the body is
+    a stated error (Slack's ``auth.revoke`` answers ``200 {"ok": false, "error": ...}``);
+    anything else in it is ignored. §2.2.1: 503 asks to retry later; other errors use the
+    §5.2 format."""
+    data = _decode_body(content_type, body)
+    stated = data is not None and isinstance(data.get("error"), str) and bool(data["error"])
+    if 200 <= status < 300 and not stated:
         return None
     wait = parse_retry_after(retry_after, now)
     busy = status == 429 or status >= 500
-    data = _decode_body(content_type, body)
-    if data is not None and isinstance(data.get("error"), str) and data["error"]:
+    if data is not None and stated:
         return _stated_error(data, status, busy, wait)
     return _unusable(status, f"revocation endpoint answered HTTP {status}", wait)

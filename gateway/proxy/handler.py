@@ -5,9 +5,12 @@ Theory of operation. For ``/<provider>/<path>?<query>`` the handler
 1. refuses CONNECT (405) and any target :func:`~gateway.proxy.routing.parse_target`
    rejects (400: absolute form, dot-segments and encoded tricks, control characters);
 2. authenticates the identity, resolves the provider (404 unknown, 503 not configured)
-   and refuses a declared ``Content-Length`` above ``server.max_body_bytes`` (413);
+   and which of its API bases the path is for (:func:`~gateway.proxy.routing.choose_upstream`,
+   404 ``unknown_upstream``), and refuses a declared ``Content-Length`` above
+   ``server.max_body_bytes`` (413);
 3. leases a token and sends the request to ``<upstream base><path>?<query>``, byte for byte,
-   with the header policy of :mod:`gateway.proxy.headers`;
+   with the header policy of :mod:`gateway.proxy.headers` (the token under the provider's
+   ``upstream_auth_scheme``);
 4. streams the upstream's answer back unchanged (status, reason, headers minus hop-by-hop,
    body still compressed); redirects are returned, never followed.
 
@@ -51,7 +54,14 @@ from gateway.errors import (
 )
 from gateway.proxy import websocket
 from gateway.proxy.headers import Forwarded, authorization_value, request_headers, response_headers
-from gateway.proxy.routing import Target, parse_target, rewrite_location, upstream_url
+from gateway.proxy.routing import (
+    UpstreamChoice,
+    base_url,
+    choose_upstream,
+    parse_target,
+    rewrite_location,
+    upstream_url,
+)
 from gateway.store.base import Identity
 from gateway.tokens.source import Lease, TokenSource
 
@@ -106,7 +116,7 @@ class _Route:
 
     identity: Identity
     provider: ProviderConfig
-    target: Target
+    choice: UpstreamChoice
 
 
 class _Upload:
@@ -163,11 +173,12 @@ class ProxyHandler:
         target = parse_target(request.raw_path)
         identity = await self._authenticate(request)
         provider = self._provider(target.provider)
+        choice = choose_upstream(provider, target)
         length = request.content_length
         if length is not None and length > self._server.max_body_bytes:
             raise PayloadTooLarge(
                 f"The request body is larger than {self._server.max_body_bytes} bytes.")
-        route = _Route(identity, provider, target)
+        route = _Route(identity, provider, choice)
         lease = await self._tokens.lease(identity, provider.name)
         if websocket.is_upgrade(request):
             return await self._websocket(request, route, lease)
@@ -177,7 +188,7 @@ class ProxyHandler:
         provider = self._providers.get(name)
         if provider is None:
             raise UnknownProvider(f"No provider named {name!r} is configured.", provider=name)
-        if not provider.usable or provider.upstream is None:
+        if not provider.usable:
             raise ProviderNotConfigured(
                 f"Provider {name!r} is not configured yet: {'; '.join(provider.problems)}.",
                 provider=name)
@@ -237,19 +248,23 @@ class ProxyHandler:
         return None, _Upload(request.content, bytes(buf), max_body)
 
     def _base(self, route: _Route, lease: Lease) -> URL:
-        base = lease.upstream or route.provider.upstream
-        assert base is not None  # _provider() refuses providers without an upstream
+        base = base_url(route.provider, route.choice, lease.upstream)
+        if base is None:  # upstream_from_token, and the token response named no usable base
+            name = route.provider.name
+            raise UpstreamUnreachable(f"The token response of {name!r} named no usable API "
+                                      "base URL.", provider=name)
         return base
 
-    def _headers(self, request: web.Request, lease: Lease, *, websocket: bool = False
-                 ) -> Mapping[str, str]:
+    def _headers(self, request: web.Request, route: _Route, lease: Lease, *,
+                 websocket: bool = False) -> Mapping[str, str]:
         fwd = None
         if self._server.forwarded_headers:
             fwd = Forwarded(client=request.remote, proto=request.scheme,
                             host=request.headers.get(hdrs.HOST))
         out = request_headers(request.headers,
-                              authorization=authorization_value(lease.token_type,
-                                                                lease.access_token),
+                              authorization=authorization_value(
+                                  lease.token_type, lease.access_token,
+                                  route.provider.upstream_auth_scheme),
                               forwarded=fwd, websocket=websocket)
         rid = self._request_id(request) if self._request_id is not None else None
         if rid:
@@ -259,11 +274,11 @@ class ProxyHandler:
     async def _send(self, request: web.Request, route: _Route, lease: Lease,
                     data: bytes | AsyncIterator[bytes] | None,
                     upload: _Upload | None) -> aiohttp.ClientResponse:
-        url = upstream_url(self._base(route, lease), route.target)
+        url = upstream_url(self._base(route, lease), route.choice.target)
         try:
             started = time.perf_counter()
             up = await self._session.request(
-                request.method, url, headers=self._headers(request, lease), data=data,
+                request.method, url, headers=self._headers(request, route, lease), data=data,
                 allow_redirects=False, auto_decompress=False,
                 skip_auto_headers=_NO_AUTO_HEADERS)
             if self._on_upstream is not None:
@@ -296,7 +311,7 @@ class ProxyHandler:
                        ) -> web.StreamResponse:
         """Stream ``up`` back: ``prefix`` (bytes of it already read), then the rest unless
         ``complete`` says the prefix is the whole body."""
-        gateway = self._gateway_prefix(route.provider.name)
+        gateway = self._gateway_prefix(route)
         headers = response_headers(up.headers,
                                    lambda location: rewrite_location(location, base, gateway))
         resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
@@ -319,10 +334,12 @@ class ProxyHandler:
             _abort(request)
         return resp
 
-    def _gateway_prefix(self, provider: str) -> URL:
+    def _gateway_prefix(self, route: _Route) -> URL:
+        """The gateway URL that maps onto the chosen base (``/<provider>[/<name>]``)."""
         public = self._server.public_url
         return URL.build(scheme=public.scheme, authority=public.raw_authority,
-                         path=f"{public.raw_path.rstrip('/')}/{provider}", encoded=True)
+                         path=f"{public.raw_path.rstrip('/')}{route.choice.prefix}",
+                         encoded=True)
 
     # ------------------------------------------------------------------ WebSocket
 
@@ -334,8 +351,8 @@ class ProxyHandler:
             base = self._base(route, lease)
             try:
                 upstream = await self._session.ws_connect(
-                    upstream_url(base, route.target),
-                    headers=self._headers(request, lease, websocket=True),
+                    upstream_url(base, route.choice.target),
+                    headers=self._headers(request, route, lease, websocket=True),
                     protocols=websocket.offered_protocols(request),
                     timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10.0))
             except websocket.UpgradeRefused as refused:
@@ -357,7 +374,7 @@ class ProxyHandler:
 
     def _refusal(self, route: _Route, base: URL,
                  refused: websocket.UpgradeRefused) -> web.Response:
-        gateway = self._gateway_prefix(route.provider.name)
+        gateway = self._gateway_prefix(route)
         headers = response_headers(refused.headers,
                                    lambda location: rewrite_location(location, base, gateway))
         headers.popall(hdrs.CONTENT_LENGTH, None)  # set from the (raw, held) body

@@ -68,10 +68,14 @@ def connection_named(headers: MultiMapping[str]) -> frozenset[str]:
     return frozenset(names)
 
 
-def authorization_value(token_type: str, token: str) -> str:
-    """``Bearer <token>``; a lower-case ``bearer`` token type (common) is normalised."""
-    scheme = "Bearer" if token_type.lower() == "bearer" or not token_type else token_type
-    return f"{scheme} {token}"
+def authorization_value(token_type: str, token: str, scheme: str = "Bearer") -> str:
+    """``<scheme> <token>`` for a bearer token: RFC 6750 §2.1 says ``Bearer``, but a few APIs
+    want another scheme for the same token (the provider's ``upstream_auth_scheme``;
+    SoundCloud: ``OAuth``). A lower-case ``bearer`` token type (common) counts as bearer; any
+    other token type names its own scheme."""
+    if token_type.lower() == "bearer" or not token_type:
+        return f"{scheme or 'Bearer'} {token}"
+    return f"{token_type} {token}"
 
 
 def strip_gateway_cookies(value: str) -> str | None:

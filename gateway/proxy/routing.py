@@ -15,6 +15,12 @@ safe (invariant 2):
   same check catches.
 * Control characters (decoded or not) in the path, raw ones in the query, and fragments are
   rejected.
+
+A provider may have several API bases (:func:`choose_upstream`): ``upstreams`` names them, and
+``/<provider>/<name>/<rest>`` goes to ``upstreams[name]/<rest>``; any other path goes to the
+default base, which is ``upstream`` or, for a provider with ``upstream_from_token``
+(Salesforce's ``instance_url``), the base its token response named. Every base is one the
+configuration allowlists: a request never chooses a host, it only picks among these.
 """
 
 from __future__ import annotations
@@ -26,9 +32,11 @@ from urllib.parse import unquote_to_bytes, urlsplit
 
 from yarl import URL
 
-from gateway.errors import BadRequest
+from gateway.config import ProviderConfig
+from gateway.errors import BadRequest, GatewayError
 
-__all__ = ["Target", "check_path", "parse_target", "rewrite_location", "upstream_url"]
+__all__ = ["Target", "UnknownUpstream", "UpstreamChoice", "base_url", "check_path",
+           "choose_upstream", "parse_target", "rewrite_location", "upstream_url"]
 
 _MAX_DECODE_ROUNDS = 8
 _PCT_U = re.compile(r"%[uU]([0-9A-Fa-f]{4})")
@@ -66,6 +74,53 @@ def parse_target(raw: str) -> Target:
     provider, slash, rest = path[1:].partition("/")
     remainder = slash + rest
     return Target(provider=provider, path=remainder, query=query if sep else None)
+
+
+class UnknownUpstream(GatewayError):
+    """The path names none of the provider's ``upstreams`` and it has no default base."""
+
+    status, code = 404, "unknown_upstream"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamChoice:
+    """Which of a provider's bases a request goes to, and what goes below it."""
+
+    name: str | None  # the ``upstreams`` entry; None: the default base
+    target: Target  # the remainder under that base (raw, as received)
+    prefix: str  # the gateway path mapped onto the base: /<provider> or /<provider>/<name>
+
+
+def choose_upstream(provider: ProviderConfig, target: Target) -> UpstreamChoice:
+    """A first path segment equal to an ``upstreams`` name picks that base; anything else
+    goes to the default base, or raises :class:`UnknownUpstream` when there is none.
+
+    The segment is compared as received: an encoded name (``gm%61il``) names nothing and so
+    goes to the default base, like any other path there.
+    """
+    first, slash, rest = target.path[1:].partition("/")
+    if target.path.startswith("/") and first in provider.upstreams:
+        below = Target(provider=target.provider, path=slash + rest, query=target.query)
+        return UpstreamChoice(first, below, f"/{target.provider}/{first}")
+    if provider.upstream is None and provider.upstream_from_token is None:
+        names = sorted(provider.upstreams)
+        raise UnknownUpstream(
+            f"Provider {target.provider!r} has no API named {first!r}; paths start with one "
+            f"of: {', '.join(names) or '(none configured)'}.",
+            provider=target.provider, upstreams=names)
+    return UpstreamChoice(None, target, f"/{target.provider}")
+
+
+def base_url(provider: ProviderConfig, choice: UpstreamChoice,
+             token_base: URL | None) -> URL | None:
+    """The base URL for ``choice``: the named entry; else, for a provider with
+    ``upstream_from_token`` only, the base its token response named (``token_base``, as the
+    token manager vetted it); else ``upstream``. None when there is none."""
+    if choice.name is not None:
+        return provider.upstreams[choice.name]
+    if provider.upstream_from_token is not None and token_base is not None:
+        return token_base
+    return provider.upstream
 
 
 def check_path(path: str) -> None:

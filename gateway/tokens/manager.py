@@ -27,10 +27,19 @@ deleted or blanked by a failure; a transient failure keeps serving an access tok
 not really expired and otherwise answers 503 with Retry-After; tokens never reach a log line
 or an error message.
 
+A refresh whose answer cannot be stored (the store is locked, full or read-only) is not
+thrown away: the provider may already have rotated the refresh token, so the merged tokens
+are *parked* in memory, unused, and the next flight for that key stores them first (if the
+row is still at the version they were refreshed from) instead of spending the old refresh
+token. Meanwhile a still-valid access token keeps being served; otherwise the caller gets
+503 ``store_unavailable``. Only a process that dies while holding a parked grant loses it.
+
 Choices: a connection without a refresh token is used until it expires, then answers
 ``reconsent_required`` (it is not marked in the store: nothing was refused). Providers whose
 ``grant`` is ``client_credentials`` need no consent: a token is fetched (and fetched again
-when due) with the same flight rules and stored under the asking identity. The refresh
+when due) with the same flight rules and stored under the gateway's own identity
+(:data:`GATEWAY_IDENTITY`), one token shared by every identity the provider's ``identities``
+allows (all when unset; others get 403 ``provider_forbidden``). The refresh
 request omits ``scope`` (RFC 6749 §6: omitted means "as originally granted"). A cached token
 that another process revoked is used until the upstream answers 401; ``rejected`` then
 re-reads the store.
@@ -50,14 +59,17 @@ from yarl import URL
 
 from gateway.config import ProviderConfig
 from gateway.errors import (
+    BadRequest,
     ConsentRequired,
+    GatewayError,
     ReconsentRequired,
+    StoreUnavailable,
     TokenEndpointUnavailable,
     UnknownProvider,
 )
 from gateway.oauth.client import OAuthClient
 from gateway.oauth.protocol import OAuthError, TokenGrant
-from gateway.store.base import Connection, Identity, Store
+from gateway.store.base import Connection, Identity, Store, TokenFields
 from gateway.tokens.lifecycle import (
     DEFAULT_RETRY_AFTER,
     Assessment,
@@ -76,6 +88,9 @@ log = logging.getLogger("gateway.tokens")
 
 EventHook = Callable[[str, str, str, str], None]
 CacheHook = Callable[[str, bool], None]  # (provider, hit) per lease()
+GATEWAY_IDENTITY = "_gateway"
+"""Owner of client_credentials tokens: reserved, since identity names start with a letter or
+digit (gateway.identities.NAME_PATTERN), so no user identity can hold or shadow it."""
 EVENT_REFRESHED = "connection.refreshed"
 """``on_event`` kind; outcome is ``ok``, ``failed`` or ``reconsent_required``."""
 
@@ -83,6 +98,12 @@ _Key = tuple[int, str]
 # ok: conn is usable (new, or found fresh); stale_ok: refresh failed transiently, conn still
 # valid; unavailable: transient, nothing usable; broken: non-transient non-grant error.
 _Kind = Literal["ok", "stale_ok", "consent", "reconsent", "unavailable", "broken"]
+
+
+class ProviderForbidden(GatewayError):
+    """The identity is not among a client_credentials provider's ``identities``."""
+
+    status, code = 403, "provider_forbidden"
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +121,14 @@ class _Cached:
     lease: Lease
 
 
+@dataclass(frozen=True, slots=True)
+class _Parked:
+    """Refreshed tokens the store refused: to be stored over ``version`` before anything."""
+
+    version: int
+    tokens: TokenFields
+
+
 @dataclass(slots=True)
 class _Flight:
     task: asyncio.Task[_Result]
@@ -114,25 +143,29 @@ def _issued_at(conn: Connection) -> float | None:
     return max(times) if times else None
 
 
-def _upstream(extra: Mapping[str, str]) -> URL | None:
-    """A per-connection API base chosen by the token response (e.g. Salesforce
-    ``instance_url``); ignored unless it is an absolute http(s) URL."""
-    raw = extra.get("instance_url")
+def _upstream(extra: Mapping[str, str], member: str | None) -> URL | None:
+    """A per-connection API base chosen by the token response, only for a provider whose
+    ``upstream_from_token`` names that member (Salesforce: ``instance_url``), and only an
+    absolute https URL without credentials. Any other provider's token response cannot move
+    its traffic (SPEC invariant 2; RFC 9700 §4.14: the token endpoint's answer is no
+    licence to send the access token elsewhere)."""
+    raw = extra.get(member) if member else None
     if not raw:
         return None
     try:
         url = URL(raw)
     except (TypeError, ValueError):
         return None
-    if url.scheme not in ("http", "https") or not url.host:
+    if url.scheme != "https" or not url.host or url.user is not None:
         return None
     return url.with_query(None).with_fragment(None)
 
 
-def _to_lease(conn: Connection) -> Lease:
+def _to_lease(conn: Connection, cfg: ProviderConfig | None) -> Lease:
     t = conn.tokens
+    member = cfg.upstream_from_token if cfg is not None else None
     return Lease(access_token=t.access_token, token_type=t.token_type or "Bearer",
-                 version=conn.version, upstream=_upstream(t.extra))
+                 version=conn.version, upstream=_upstream(t.extra, member))
 
 
 class TokenManager:
@@ -155,7 +188,9 @@ class TokenManager:
         self._cache: dict[_Key, _Cached] = {}
         self._flights: dict[_Key, _Flight] = {}
         self._retry_at: dict[_Key, float] = {}  # no proactive refresh before (after a failure)
+        self._parked: dict[_Key, _Parked] = {}  # refreshed tokens the store refused
         self._epoch = 0  # bumped by invalidate(): reads begun before it must not be cached
+        self._owner: Identity | None = None  # GATEWAY_IDENTITY, once looked up
 
     # ------------------------------------------------------------------ TokenSource
 
@@ -163,6 +198,8 @@ class TokenManager:
         """A token to send now; raises ConsentRequired, ReconsentRequired or
         TokenEndpointUnavailable (and UnknownProvider for a name not configured)."""
         cfg = self._provider(provider)
+        if cfg.grant == "client_credentials":
+            identity = await self._gateway_owner(identity, cfg)
         key = (identity.id, provider)
         cached = self._cache.get(key)
         if self._on_cache is not None:
@@ -201,6 +238,8 @@ class TokenManager:
         Consent/ReconsentRequired when the connection is gone or its refresh token was
         rejected (the connection is then marked reconsent_required)."""
         cfg = self._provider(provider)
+        if cfg.grant == "client_credentials":
+            identity = await self._gateway_owner(identity, cfg)
         key = (identity.id, provider)
         cached = self._cache.get(key)
         if cached is not None and cached.conn.version != lease.version \
@@ -234,6 +273,9 @@ class TokenManager:
         for key in [k for k in self._retry_at if k[0] == identity_id
                     and (provider is None or k[1] == provider)]:
             self._retry_at.pop(key, None)
+        for key in [k for k in self._parked if k[0] == identity_id
+                    and (provider is None or k[1] == provider)]:
+            self._parked.pop(key, None)
 
     async def close(self, grace: float = 30.0) -> None:
         """Let running refreshes finish (cancelling one could lose a rotated refresh token),
@@ -289,6 +331,8 @@ class TokenManager:
         key = (identity.id, cfg.name)
         async with self._store.refresh_lock(identity.id, cfg.name, self._lock_timeout) as got:
             conn = await self._read(key)
+            if got and key in self._parked:
+                conn = await self._store_parked(identity, cfg, conn)
             settled = self._settled(cfg, conn, seen_version, force)
             if settled is not None:
                 return settled
@@ -336,9 +380,19 @@ class TokenManager:
             stored: Connection | None = await self._store.put_connection(
                 identity.id, cfg.name, grant.tokens, None, now)
         else:
-            stored = await self._store.update_tokens(identity.id, cfg.name, conn.version,
-                                                     merge_refresh(conn.tokens, grant.tokens),
-                                                     now)
+            merged = merge_refresh(conn.tokens, grant.tokens)
+            try:
+                stored = await self._store.update_tokens(identity.id, cfg.name, conn.version,
+                                                         merged, now)
+            except StoreUnavailable:
+                self._parked[key] = _Parked(conn.version, merged)
+                log.warning("refreshed tokens for provider %s could not be stored; kept to be "
+                            "stored first on the next attempt", cfg.name)
+                self._event(identity, cfg.name, "failed")
+                fallback = self._after_transient(key, conn, DEFAULT_RETRY_AFTER)
+                if fallback.kind == "stale_ok":
+                    return fallback
+                raise
         if stored is None:
             # The row changed under the lock (a consent or revoke by a path that does not take
             # it). What the store holds now wins; our new tokens are dropped, unused.
@@ -351,6 +405,25 @@ class TokenManager:
         self._retry_at.pop(key, None)
         self._event(identity, cfg.name, "ok")
         return _Result("ok", stored)
+
+    async def _store_parked(self, identity: Identity, cfg: ProviderConfig,
+                            conn: Connection | None) -> Connection | None:
+        """Store the parked tokens (under the refresh lock) if the row is still the one they
+        were refreshed from; the connection as it is afterwards."""
+        key = (identity.id, cfg.name)
+        parked = self._parked[key]
+        if conn is None or conn.status != "active" or conn.version != parked.version:
+            self._parked.pop(key, None)  # superseded (a consent, a revoke, another refresh)
+            return conn
+        stored = await self._store.update_tokens(identity.id, cfg.name, parked.version,
+                                                 parked.tokens, self._clock())
+        self._parked.pop(key, None)
+        if stored is None:
+            return await self._read(key)
+        self._remember(key, stored)
+        self._retry_at.pop(key, None)
+        self._event(identity, cfg.name, "ok")
+        return stored
 
     async def _failed(self, identity: Identity, cfg: ProviderConfig, conn: Connection | None,
                       err: OAuthError) -> _Result:
@@ -394,6 +467,25 @@ class TokenManager:
             raise UnknownProvider(f"no provider named {name!r} is configured")
         return cfg
 
+    async def _gateway_owner(self, identity: Identity, cfg: ProviderConfig) -> Identity:
+        """The identity a client_credentials token is kept under (created on first use; a
+        concurrent creation elsewhere is fine), once ``identity`` may use ``cfg``."""
+        if cfg.identities is not None and identity.name not in cfg.identities:
+            raise ProviderForbidden(f"identity {identity.name!r} may not use provider "
+                                    f"{cfg.name}", provider=cfg.name)
+        if self._owner is None:
+            owner = await self._store.get_identity(GATEWAY_IDENTITY)
+            if owner is None:
+                try:
+                    owner = await self._store.create_identity(GATEWAY_IDENTITY, None,
+                                                              self._clock())
+                except BadRequest:  # created a moment ago by another process
+                    owner = await self._store.get_identity(GATEWAY_IDENTITY)
+            if owner is None:
+                raise StoreUnavailable("the gateway's own identity could not be created")
+            self._owner = owner
+        return self._owner
+
     def _assess(self, conn: Connection, now: float) -> Assessment:
         return assess(conn.tokens.expires_at, _issued_at(conn), now, self._skew)
 
@@ -410,13 +502,13 @@ class TokenManager:
             return
         old = self._cache.get(key)
         if old is None or old.conn.version <= conn.version:
-            self._cache[key] = _Cached(conn, _to_lease(conn))
+            self._cache[key] = _Cached(conn, _to_lease(conn, self._providers.get(key[1])))
 
     def _lease_of(self, key: _Key, conn: Connection) -> Lease:
         cached = self._cache.get(key)
         if cached is not None and cached.conn is conn:
             return cached.lease
-        return _to_lease(conn)
+        return _to_lease(conn, self._providers.get(key[1]))
 
     @staticmethod
     def _reconsent(provider: str) -> ReconsentRequired:

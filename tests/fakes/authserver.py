@@ -24,6 +24,16 @@ Knobs are plain attributes, changeable mid-test: ``expires_in`` (None omits it),
 ``reuse_detection``, ``issue_refresh_tokens``, ``omit_refresh_token``,
 ``form_encoded_responses``, ``token_type`` (None omits it), ``extra_token_fields``,
 ``require_pkce``, ``scope_separator``, ``supported_scopes``, ``code_ttl``, ``clock``.
+Provider quirks (each default is RFC behaviour): ``scope_param`` (the authorize parameter
+carrying scopes; another name makes a plain ``scope`` an error), ``json_requests`` (token and
+revoke requests must be JSON bodies, not forms), ``form_content_type`` (the Content-Type of
+``form_encoded_responses``, to lie about it), ``nest_tokens_under`` (code-exchange answers
+put the token members in this object, Slack style, beside a top-level decoy bot token that
+is not valid; refresh answers stay flat), ``expires_at_field`` + ``expires_at_format``
+(``epoch`` or ``iso``: an absolute expiry member) with ``send_expires_in``, and
+``revocation_method`` (``rfc7009``; ``bearer``: the access token as Bearer credentials, no
+body, Slack's ``200 {"ok": false}`` on failure; ``access_token_param``: form
+``access_token=``, no client authentication; both revoke the whole grant).
 ``fail_next(...)`` queues canned failures; ``token_delay`` is an :class:`asyncio.Event`
 gate (set = open) in front of ``/token``: clear it, gather requests, ``await
 wait_for_hits("token", n)``, then set it: concurrency without sleeps.
@@ -43,12 +53,14 @@ import asyncio
 import base64
 import hashlib
 import html
+import json
 import re
 import secrets
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote_plus, urlencode
 
@@ -182,6 +194,14 @@ class FakeAuthServer:
         self.extra_token_fields: dict[str, Any] = {}
         self.scope_separator = " "
         self.supported_scopes: set[str] | None = None
+        self.scope_param = "scope"
+        self.json_requests = False
+        self.form_content_type = FORM
+        self.nest_tokens_under: str | None = None
+        self.expires_at_field: str | None = None
+        self.expires_at_format = "epoch"
+        self.send_expires_in = True
+        self.revocation_method = "rfc7009"
         self.token_delay = asyncio.Event()
         self.token_delay.set()
         self.hits: Counter[str] = Counter()
@@ -400,7 +420,8 @@ class FakeAuthServer:
         hdrs = {"Cache-Control": "no-store", "Pragma": "no-cache", **(headers or {})}
         if self.form_encoded_responses:
             body = urlencode({k: str(v) for k, v in data.items()})
-            return web.Response(status=status, text=body, content_type=FORM, headers=hdrs)
+            return web.Response(status=status, body=body.encode(), headers={
+                **hdrs, "Content-Type": self.form_content_type})
         return web.json_response(dict(data), status=status, headers=hdrs)
 
     def _error(self, e: _Reject) -> web.Response:
@@ -419,6 +440,16 @@ class FakeAuthServer:
         return out
 
     async def _form(self, request: web.Request) -> dict[str, str]:
+        if self.json_requests:
+            if request.content_type != "application/json":
+                raise _Reject("invalid_request", "content type must be application/json")
+            try:
+                data = json.loads(await request.read())
+            except ValueError:
+                raise _Reject("invalid_request", "body is not JSON") from None
+            if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+                raise _Reject("invalid_request", "body must be an object of strings")
+            return data
         if request.content_type != FORM:
             raise _Reject("invalid_request", f"content type must be {FORM}")
         return self._single(await request.post())
@@ -492,7 +523,10 @@ class FakeAuthServer:
                 raise _Reject("invalid_request", "transform algorithm not supported")
             if not _CHALLENGE.match(challenge):
                 raise _Reject("invalid_request", "malformed code_challenge")
-        scopes = tuple(s for s in p.get("scope", "").split(self.scope_separator) if s)
+        if self.scope_param != "scope" and "scope" in p:
+            raise _Reject("invalid_scope", f"user scopes go in {self.scope_param}")
+        raw = p.get(self.scope_param, "")
+        scopes = tuple(s for s in raw.split(self.scope_separator) if s)
         if self.supported_scopes is not None and not set(scopes) <= self.supported_scopes:
             raise _Reject("invalid_scope", "unknown scope")
         return scopes
@@ -566,7 +600,11 @@ class FakeAuthServer:
         try:
             client = self._authenticate(request, form)
             if grant == "authorization_code":
-                return self._reply(self._code_grant(client, form))
+                body = self._code_grant(client, form)
+                if self.nest_tokens_under is not None:  # Slack's oauth.v2.access shape
+                    body = {"ok": True, "access_token": "decoy-bot-" + secrets.token_hex(8),
+                            "token_type": "bot", self.nest_tokens_under: body}
+                return self._reply(body)
             if grant == "refresh_token":
                 return self._reply(self._refresh_grant(client, form))
             if grant == "client_credentials":
@@ -656,8 +694,12 @@ class FakeAuthServer:
         body: dict[str, Any] = {"access_token": at.token}
         if self.token_type is not None:
             body["token_type"] = self.token_type
-        if self.expires_in is not None:
+        if self.expires_in is not None and self.send_expires_in:
             body["expires_in"] = self.expires_in
+        if self.expires_in is not None and self.expires_at_field is not None:
+            at_epoch = int(now) + self.expires_in
+            body[self.expires_at_field] = at_epoch if self.expires_at_format == "epoch" else (
+                datetime.fromtimestamp(at_epoch, UTC).isoformat().replace("+00:00", "Z"))
         if rt is not None:
             body["refresh_token"] = rt.token
         if scopes:
@@ -681,6 +723,8 @@ class FakeAuthServer:
     # ------------------------------------------------------------------ other endpoints
 
     async def _revoke(self, request: web.Request) -> web.StreamResponse:
+        if self.revocation_method != "rfc7009":
+            return await self._revoke_grant(request)
         try:
             form = await self._form(request)
         except _Reject as e:
@@ -701,6 +745,40 @@ class FakeAuthServer:
         if owner is not None and owner.client_id == client.client_id:  # RFC 7009 §2.1
             self.revoke_token(token)
         return web.Response(status=200)  # §2.2: also for unknown tokens
+
+    async def _revoke_grant(self, request: web.Request) -> web.StreamResponse:
+        """The non-RFC revocations: the access token (as Bearer credentials, or as the
+        ``access_token`` parameter) revokes its whole grant; no client authentication."""
+        if self.revocation_method == "bearer":
+            body = await request.read()
+            self._hit("revoke", request, {})
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            if body or scheme.lower() != "bearer":
+                return web.json_response({"ok": False, "error": "invalid_request"})
+        else:
+            form: dict[str, str] = {}
+            try:
+                form = await self._form(request)
+            except _Reject as e:
+                self._hit("revoke", request, form)
+                return self._error(e)
+            self._hit("revoke", request, form)
+            token = form.get("access_token", "")
+            if "Authorization" in request.headers or "client_secret" in form:
+                return self._error(_Reject("invalid_request", "no client authentication here"))
+        failed = self._failure("revoke")
+        if failed is not None:
+            return failed
+        at = self.access_tokens.get(token)
+        if at is None or self.is_valid_access_token(token) is None:
+            # Slack answers 200 with ok=false; Strava a 401 with a message.
+            if self.revocation_method == "bearer":
+                return web.json_response({"ok": False, "error": "invalid_auth"})
+            return web.json_response({"message": "Authorization Error"}, status=401)
+        if at.family is not None:
+            self._revoke_family(at.family)
+        at.revoked = True
+        return web.json_response({"ok": True, "revoked": True})
 
     async def _userinfo(self, request: web.Request) -> web.StreamResponse:
         self._hit("userinfo", request, {})

@@ -116,6 +116,8 @@ async def make_gateway(aiohttp_server: Any, upstream: FakeUpstream, refused_port
         providers = {
             "up": ProviderConfig(name="up", upstream=upstream.url / "api"),
             "root": ProviderConfig(name="root", upstream=upstream.url),
+            "sf": ProviderConfig(name="sf", upstream=upstream.url / "api",
+                                 upstream_from_token="instance_url"),
             "down": ProviderConfig(name="down", upstream=URL(f"http://127.0.0.1:{refused_port}")),
             "nocfg": ProviderConfig(name="nocfg", problems=("client_id is not set",)),
         }

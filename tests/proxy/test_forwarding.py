@@ -117,8 +117,11 @@ async def test_all_methods(gateway: Gateway, method: str) -> None:
 async def test_lease_upstream_overrides_the_provider_base(make_gateway: MakeGateway,
                                                           upstream: FakeUpstream) -> None:
     gw = await make_gateway(tokens=Tokens(upstream=upstream.url / "tenant-7"))
-    await raw_request(gw.port, get("/up/x?y=1"))
+    await raw_request(gw.port, get("/sf/x?y=1"))
     assert gw.upstream.requests[0].raw_path == "/tenant-7/x?y=1"
+    # A provider without upstream_from_token ignores a token-supplied base (invariant 2).
+    await raw_request(gw.port, get("/up/x?y=1"))
+    assert gw.upstream.requests[1].raw_path == "/api/x?y=1"
 
 
 # --------------------------------------------------------------------------- headers

@@ -124,7 +124,10 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 @pytest.fixture
 def providers(fake: FakeAuthServer) -> dict[str, ProviderConfig]:
     return {
-        "fake": fake.provider_config("fake", upstream=UPSTREAM),
+        # upstream_from_token: the Salesforce-style opt-in; without it a token response's
+        # instance_url is ignored (test_instance_url_becomes_the_lease_upstream).
+        "fake": fake.provider_config("fake", upstream=UPSTREAM, upstream_from_token="instance_url"),
+        "plain": fake.provider_config("plain", upstream=UPSTREAM),
         "machine": fake.provider_config("machine", upstream=UPSTREAM,
                                         grant="client_credentials", scopes=("api",)),
     }

@@ -281,7 +281,9 @@ async def test_client_credentials_fetch_cache_and_renew(manager: TokenManager,
     assert fake.grants["client_credentials"] == 1
     assert fake.is_valid_access_token(first.access_token) == fake.clients[
         "gateway-test"].client_id
-    stored = await store.get_connection(alice.id, "machine")
+    owner = await store.get_identity("_gateway")  # one token for the gateway, not per identity
+    assert owner is not None
+    stored = await store.get_connection(owner.id, "machine")
     assert stored is not None and stored.tokens.access_token == first.access_token
     assert stored.tokens.scopes == ("api",)
     clock.advance(1000)
