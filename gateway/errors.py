@@ -9,11 +9,14 @@ Lower layers raise these, or translate foreign exceptions into them at their bou
      ├── Unauthenticated              401 unauthenticated
      ├── ConsentRequired              401 consent_required     (carries connect_url)
      │    └── ReconsentRequired       401 reconsent_required   (refresh token rejected)
+     ├── ProviderForbidden            403 provider_forbidden   (client_credentials allowlist)
      ├── UnknownProvider              404 unknown_provider
+     ├── UnknownUpstream              404 unknown_upstream     (none of the provider's upstreams)
      ├── MethodNotAllowed             405 method_not_allowed
      ├── PayloadTooLarge              413 payload_too_large
      ├── TooManyRequests              429 rate_limited         (carries Retry-After)
      ├── UpstreamUnreachable          502 upstream_unreachable
+     ├── ProviderNotConfigured        503 provider_not_configured (missing secrets or endpoints)
      ├── TokenEndpointUnavailable     503 token_endpoint_unavailable (carries Retry-After)
      ├── UpstreamTimeout              504 upstream_timeout
      ├── StoreUnavailable             503 store_unavailable
@@ -72,8 +75,26 @@ class ReconsentRequired(ConsentRequired):
     code = "reconsent_required"
 
 
+class ProviderForbidden(GatewayError):
+    """The identity is not among a client_credentials provider's ``identities``."""
+
+    status, code = 403, "provider_forbidden"
+
+
 class UnknownProvider(GatewayError):
     status, code = 404, "unknown_provider"
+
+
+class UnknownUpstream(GatewayError):
+    """The path names none of the provider's ``upstreams`` and it has no default base."""
+
+    status, code = 404, "unknown_upstream"
+
+
+class ProviderNotConfigured(GatewayError):
+    """Configured but not usable yet: missing secrets, endpoints or template variables."""
+
+    status, code = 503, "provider_not_configured"
 
 
 class MethodNotAllowed(GatewayError):

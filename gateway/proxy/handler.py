@@ -48,6 +48,7 @@ from gateway.errors import (
     GatewayError,
     MethodNotAllowed,
     PayloadTooLarge,
+    ProviderNotConfigured,
     UnknownProvider,
     UpstreamTimeout,
     UpstreamUnreachable,
@@ -77,10 +78,6 @@ OnUpstream = Callable[[web.Request, str, int, float], None]
 # client sent (an invented Accept-Encoding would even make upstreams compress unasked).
 _NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 _HELD_401_LIMIT = 64 * 1024  # a 401 body is held while we refresh; larger ones just stream
-
-
-class ProviderNotConfigured(GatewayError):
-    status, code = 503, "provider_not_configured"
 
 
 def make_client_session(server: ServerConfig) -> aiohttp.ClientSession:

@@ -33,7 +33,7 @@ from urllib.parse import unquote_to_bytes, urlsplit
 from yarl import URL
 
 from gateway.config import ProviderConfig
-from gateway.errors import BadRequest, GatewayError
+from gateway.errors import BadRequest, UnknownUpstream
 
 __all__ = ["Target", "UnknownUpstream", "UpstreamChoice", "base_url", "check_path",
            "choose_upstream", "parse_target", "rewrite_location", "upstream_url"]
@@ -74,12 +74,6 @@ def parse_target(raw: str) -> Target:
     provider, slash, rest = path[1:].partition("/")
     remainder = slash + rest
     return Target(provider=provider, path=remainder, query=query if sep else None)
-
-
-class UnknownUpstream(GatewayError):
-    """The path names none of the provider's ``upstreams`` and it has no default base."""
-
-    status, code = 404, "unknown_upstream"
 
 
 @dataclass(frozen=True, slots=True)

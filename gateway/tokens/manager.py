@@ -61,7 +61,7 @@ from gateway.config import ProviderConfig
 from gateway.errors import (
     BadRequest,
     ConsentRequired,
-    GatewayError,
+    ProviderForbidden,
     ReconsentRequired,
     StoreUnavailable,
     TokenEndpointUnavailable,
@@ -98,12 +98,6 @@ _Key = tuple[int, str]
 # ok: conn is usable (new, or found fresh); stale_ok: refresh failed transiently, conn still
 # valid; unavailable: transient, nothing usable; broken: non-transient non-grant error.
 _Kind = Literal["ok", "stale_ok", "consent", "reconsent", "unavailable", "broken"]
-
-
-class ProviderForbidden(GatewayError):
-    """The identity is not among a client_credentials provider's ``identities``."""
-
-    status, code = 403, "provider_forbidden"
 
 
 @dataclass(frozen=True, slots=True)
