@@ -279,7 +279,9 @@ class IdentityService:
         return identity, key
 
     async def list_identities(self) -> Sequence[Identity]:
-        return await self._store.list_identities()
+        """People and programs; internal owners (``_gateway`` holds client-credentials
+        tokens) are not identities anyone can log in as, so they are not listed."""
+        return [i for i in await self._store.list_identities() if NAME_PATTERN.match(i.name)]
 
     async def remove_identity(self, name: str) -> None:
         identity = await self._require(name)
