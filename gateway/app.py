@@ -31,6 +31,7 @@ from gateway.config import Config, ProviderConfig, load_config
 from gateway.errors import ConfigError, ConsentRequired, GatewayError, Unauthenticated
 from gateway.identities import IdentityService
 from gateway.keyrotation import api_key_mac
+from gateway.limits import InFlightLimiter, admit, release_slots
 from gateway.metrics import Metrics
 from gateway.middleware import error_middleware, error_response
 from gateway.oauth.client import OAuthClient
@@ -152,6 +153,7 @@ class Services:
     limiter: RateLimiter | None
     http: Any = None
     draining: bool = False
+    inflight: InFlightLimiter | None = None  # server.max_concurrent_per_identity
 
 
 CONFIG = web.AppKey("config", Config)
@@ -175,7 +177,8 @@ def bearer(request: web.Request) -> str | None:
 
 
 async def authenticate(request: web.Request) -> Identity:
-    """The identity of the gateway key, within its rate limit (429 otherwise)."""
+    """The identity of the gateway key, within its rate limit and its number of requests
+    in flight (429 otherwise; the slot is given back by ``release_slots``)."""
     key = bearer(request)
     if key is None:
         raise Unauthenticated("Send your gateway key as 'Authorization: Bearer <key>'.")
@@ -185,12 +188,13 @@ async def authenticate(request: web.Request) -> Identity:
         raise Unauthenticated("The gateway key is not valid (unknown or revoked).")
     REDACT.register(key)
     request[IDENTITY] = identity
-    if services.limiter is not None:
-        try:
+    try:
+        if services.limiter is not None:
             services.limiter.check(identity.id)
-        except GatewayError:
-            request.app[METRICS].limited(identity.name)
-            raise
+        admit(request, services.inflight, identity.id)
+    except GatewayError:
+        request.app[METRICS].limited(identity.name)
+        raise
     return identity
 
 
@@ -283,8 +287,10 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     admin = AdminOps(store, identities, audit, oauth, lambda: registry,
                      on_revoked=lambda identity_id, name: tokens.invalidate(identity_id, name))
     limiter = RateLimiter(ops.rate_limit) if ops.rate_limit is not None else None
+    per_identity = config.server.max_concurrent_per_identity
     app[SERVICES] = Services(config, store, box, oauth, tokens, identities, sessions, consent,
-                             console, proxy, registry, audit, admin, limiter, http)
+                             console, proxy, registry, audit, admin, limiter, http,
+                             inflight=InFlightLimiter(per_identity) if per_identity else None)
     for p in config.providers.values():  # (discovery reports its own failures)
         if not p.usable:
             log.warning("provider %s is not usable: %s", p.name, "; ".join(p.problems))
@@ -516,8 +522,8 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time,
         registry.discovering = True
     metrics_ = Metrics(identity_labels=ops.identity_labels, providers=lambda: registry)
     observer = RequestObserver(metrics_, lambda: registry, identity_name)
-    app = web.Application(middlewares=[observer.middleware, error_middleware, refuse_connect,
-                                       connect_link_middleware],
+    app = web.Application(middlewares=[observer.middleware, error_middleware, release_slots,
+                                       refuse_connect, connect_link_middleware],
                           client_max_size=1024 * 1024)
     app[CONFIG] = config
     app[BOX] = box or box_from_config(config.encryption_key, config.encryption_key_file,

@@ -44,6 +44,7 @@ from aiohttp import web
 from gateway.accesslog import setup_logging as _setup_logging
 from gateway.config import Config, load_config
 from gateway.errors import ConfigError, GatewayError
+from gateway.limits import parser_limits
 from gateway.metrics import MULTIPROC_ENV, mark_worker_dead
 
 log = logging.getLogger("gateway.serving")
@@ -118,7 +119,8 @@ async def serve_async(config: Config, *, reuse_port: bool = False,
 
     app = create_app(config)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.server.shutdown_grace,
-                           handle_signals=False, handler_cancellation=True)
+                           handle_signals=False, handler_cancellation=True,
+                           **parser_limits(config.server))
     await runner.setup()
     site = web.TCPSite(runner, config.server.host, config.server.port, reuse_port=reuse_port,
                        backlog=1024)

@@ -141,7 +141,7 @@ def _upstream(extra: Mapping[str, str], member: str | None) -> URL | None:
     """A per-connection API base chosen by the token response, only for a provider whose
     ``upstream_from_token`` names that member (Salesforce: ``instance_url``), and only an
     absolute https URL without credentials. Any other provider's token response cannot move
-    its traffic (SPEC invariant 2; RFC 9700 §4.14: the token endpoint's answer is no
+    its traffic (SPEC invariant 2; RFC 9700 §4.9.1: the token endpoint's answer is no
     licence to send the access token elsewhere)."""
     raw = extra.get(member) if member else None
     if not raw:
