@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import multiprocessing
 import os
@@ -125,6 +126,9 @@ async def serve_async(config: Config, *, reuse_port: bool = False,
     site = web.TCPSite(runner, config.server.host, config.server.port, reuse_port=reuse_port,
                        backlog=1024)
     await site.start()
+    # Everything built so far lives for the whole process: keep it out of the collector's
+    # generations (bench/ablate.py: ~8 us less CPU per request, p99 44 -> 28 ms).
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     reloads: set[asyncio.Task[bool]] = set()
