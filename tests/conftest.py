@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 
+from gateway.accesslog import install_redaction
 from gateway.config import Config, load_config
+from gateway.oauth.client import OAuthClient
 from gateway.tokens.crypto import generate_key
+from tests.fakes.authserver import FakeAuthServer, start_auth_server
 
 
 @pytest.fixture
@@ -40,3 +45,31 @@ def write_config(tmp_path: Path, encryption_key: str) -> Callable[..., Config]:
         return load_config(path, env=env or {})
 
     return make
+
+
+@pytest.fixture
+async def fake(aiohttp_server: Any) -> FakeAuthServer:
+    """The fake authorization server with its defaults (areas needing knobs override it)."""
+    return await start_auth_server(aiohttp_server)
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+@pytest.fixture
+def oauth(session: aiohttp.ClientSession) -> OAuthClient:
+    return OAuthClient(session, timeout=5.0)
+
+
+@pytest.fixture
+def logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """Every record at DEBUG, created through the redaction layer as in production."""
+    undo = install_redaction()
+    caplog.set_level(logging.DEBUG)
+    try:
+        yield caplog
+    finally:
+        undo()

@@ -7,14 +7,11 @@ is re-exported from tests/thirdparty; it skips when node_modules is missing (fai
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from collections.abc import Iterator
 
-import aiohttp
 import pytest
 
 from gateway.oauth import discovery
-from tests.fakes.authserver import FakeAuthServer, start_auth_server
 from tests.thirdparty.conftest import oidc_provider  # noqa: F401  (fixture re-export)
 
 
@@ -24,17 +21,6 @@ def _fresh_discovery_cache() -> Iterator[None]:
     discovery.clear_cache()
     yield
     discovery.clear_cache()
-
-
-@pytest.fixture
-async def fake(aiohttp_server: Any) -> FakeAuthServer:
-    return await start_auth_server(aiohttp_server)
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 @pytest.fixture

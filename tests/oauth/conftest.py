@@ -2,37 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import pytest
 from yarl import URL
 
 from gateway.config import ProviderConfig
-from gateway.oauth.client import OAuthClient
 from gateway.oauth.protocol import authorize_url, new_pkce, new_state
-from tests.fakes.authserver import FakeAuthServer, start_auth_server
 
 REDIRECT_URI = "http://127.0.0.1:8080/_gateway/callback"
 
 GetCode = Callable[..., Awaitable[tuple[str, str | None]]]
-
-
-@pytest.fixture
-async def fake(aiohttp_server: Any) -> FakeAuthServer:
-    return await start_auth_server(aiohttp_server)
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
-@pytest.fixture
-def oauth(session: aiohttp.ClientSession) -> OAuthClient:
-    return OAuthClient(session, timeout=5.0)
 
 
 @pytest.fixture

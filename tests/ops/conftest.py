@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import signal
 import socket
@@ -24,7 +23,7 @@ import pytest
 import yaml
 from yarl import URL
 
-from gateway.accesslog import StructuredFormatter, install_redaction
+from gateway.accesslog import StructuredFormatter
 from gateway.app import OpsSettings, create_app
 from gateway.config import Config
 from tests.fakes.authserver import FakeAuthServer, start_auth_server
@@ -124,17 +123,6 @@ async def ops_gateway(aiohttp_server: Callable[..., Any],
     for gw in made:
         for s in gw.sessions:
             await s.close()
-
-
-@pytest.fixture
-def logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    """Every record at DEBUG, created through the redaction layer as in production."""
-    undo = install_redaction()
-    caplog.set_level(logging.DEBUG)
-    try:
-        yield caplog
-    finally:
-        undo()
 
 
 def access_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:

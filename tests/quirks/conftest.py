@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import ssl
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,28 +30,12 @@ from yarl import URL
 from gateway.config import ProviderConfig
 from gateway.oauth.client import OAuthClient
 from gateway.oauth.protocol import OAuthError, TokenGrant, authorize_url, new_pkce, new_state
-from tests.fakes.authserver import FakeAuthServer, start_auth_server
+from tests.fakes.authserver import FakeAuthServer
 from tests.fakes.upstream import FakeUpstream
 from tests.integration.conftest import Clock, Gateway, make_gateway  # noqa: F401 (fixture)
 
 REDIRECT_URI = "http://127.0.0.1:8080/_gateway/callback"
 PASSWORD = "correct horse battery"
-
-
-@pytest.fixture
-async def fake(aiohttp_server: Any) -> FakeAuthServer:
-    return await start_auth_server(aiohttp_server)
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
-@pytest.fixture
-def oauth(session: aiohttp.ClientSession) -> OAuthClient:
-    return OAuthClient(session, timeout=5.0)
 
 
 async def authorize(session: aiohttp.ClientSession, provider: ProviderConfig) -> URL:

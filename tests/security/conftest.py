@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,6 @@ from hypothesis import HealthCheck, settings
 from multidict import CIMultiDict
 from yarl import URL
 
-from gateway.accesslog import install_redaction
 from gateway.app import create_app
 from gateway.config import Config
 from gateway.limits import parser_limits
@@ -241,17 +239,6 @@ async def secure_gateway(aiohttp_server: Callable[..., Any],
     for gw in made:
         for s in gw.sessions:
             await s.close()
-
-
-@pytest.fixture
-def logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    """Every record at DEBUG, created through the production redaction layer."""
-    undo = install_redaction()
-    caplog.set_level(logging.DEBUG)
-    try:
-        yield caplog
-    finally:
-        undo()
 
 
 # --------------------------------------------------------------------------- raw HTTP
